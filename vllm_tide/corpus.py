@@ -1,0 +1,52 @@
+"""The fixed data split every vllm-tide tool uses.
+
+- calibration: State of the Union addresses up to 2000, minus the validation slice;
+- validation: every 10th of those addresses (by date), held out from router training;
+- dev: addresses after 2000 (threshold and setting choices are made here);
+- test: Moby Dick (figures are reported here).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+SPLITS = ("calibration", "validation", "dev", "test")
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def _sotu(data_dir: str) -> list[tuple[int, str]]:
+    files = sorted(glob.glob(os.path.join(data_dir, "sotu", "*.txt")))
+    return [(int(os.path.basename(p)[:4]), p) for p in files]
+
+
+def split_files(split: str, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split == "test":
+        files = glob.glob(os.path.join(data_dir, "moby-dick", "chapter_*.txt"))
+        files.sort(key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+    elif split == "dev":
+        files = [p for year, p in _sotu(data_dir) if year > 2000]
+    else:
+        early = [p for year, p in _sotu(data_dir) if year <= 2000]
+        held = {p for i, p in enumerate(early) if i % 10 == 9}
+        files = [p for p in early if (p in held) == (split == "validation")]
+    if not files:
+        raise FileNotFoundError(f"no text for split {split!r} under {data_dir}; run `make setup` first")
+    return files
+
+
+def read_texts(paths: list[str]) -> list[str]:
+    """Documents from files or folders of .txt files, in a stable order."""
+    out = []
+    for p in paths:
+        files = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True)) if os.path.isdir(p) else [p]
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                out.append(fh.read())
+    return out
+
+
+def split_texts(split: str, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
+    return read_texts(split_files(split, data_dir))

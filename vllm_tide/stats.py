@@ -1,0 +1,54 @@
+"""Exit statistics, counted in the worker where the layers run and read through vLLM's RPC."""
+from __future__ import annotations
+
+import torch
+
+
+class ExitCounters:
+    """Counts exactly what was not computed. Only real steps count (not warm-up or dummy runs)."""
+
+    def __init__(self, layers: list[int], num_layers: int):
+        self.layers = layers
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.exits = {c: 0 for c in self.layers}
+        self.skipped = 0   # token-layers that ran nothing but the K/V fill
+        self.partial = 0   # token-layers that ran attention (for their K/V) but skipped the rest
+
+    def snapshot(self) -> dict:
+        full = max(self.tokens * self.num_layers, 1)
+        return {"tokens": self.tokens, "exits_per_layer": dict(self.exits),
+                "skipped_token_layers": self.skipped, "partial_token_layers": self.partial,
+                "skipped_layer_fraction": self.skipped / full, "partial_layer_fraction": self.partial / full,
+                "num_layers": self.num_layers}
+
+
+def _merge(snaps: list[dict]) -> dict:
+    """Sum counters over workers. Under tensor parallelism every rank sees the same tokens, so ranks
+    are not summed: the first rank's view is the model's."""
+    snaps = [s for s in snaps if s]
+    return snaps[0] if snaps else {}
+
+
+def _worker_snapshot(model: torch.nn.Module) -> dict:
+    counters = getattr(model, "tide_counters", None)
+    return counters.snapshot() if counters is not None else {}
+
+
+def _worker_reset(model: torch.nn.Module) -> None:
+    counters = getattr(model, "tide_counters", None)
+    if counters is not None:
+        counters.reset()
+
+
+def exit_stats(llm) -> dict:
+    """TIDE exit statistics of an offline ``vllm.LLM``: tokens, exits_per_layer, skipped and partial
+    layer fractions. Empty when TIDE is not active in that engine."""
+    return _merge(llm.apply_model(_worker_snapshot))
+
+
+def reset_exit_stats(llm) -> None:
+    llm.apply_model(_worker_reset)
