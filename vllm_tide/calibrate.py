@@ -29,7 +29,7 @@ class CalibrationConfig:
     model: str
     output: str
     corpus: list[str] = field(default_factory=list)   # empty: the fixed calibration split
-    max_tokens: int = 100_000
+    max_tokens: int = 110_000
     seq_len: int = 512
     interval: int = 4
     criterion: str = "top1"
@@ -329,7 +329,7 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--output", required=True, help="router checkpoint to write (.safetensors)")
     p.add_argument("--corpus", nargs="*", default=[], help="text files or folders (default: the fixed SOTU split)")
-    p.add_argument("--max-tokens", type=int, default=100_000)
+    p.add_argument("--max-tokens", type=int, default=110_000)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--interval", type=int, default=4)
     p.add_argument("--criterion", default="top1", choices=CRITERIA)

@@ -1,2 +1,158 @@
+"""vLLM plugin entry point (``vllm.general_plugins`` -> ``tide``).
+
+It runs in every vLLM process. It registers the TIDE model classes (inert unless TIDE is asked for),
+adds the ``--plugin tide --tide-*`` serve flags, and checks a TIDE request in the front-end process,
+before any worker starts, so bad input fails fast with one sentence.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from .errors import TideConfigError
+
+logger = logging.getLogger("vllm_tide")
+
+SUPPORTED = {
+    "LlamaForCausalLM": "TideLlamaForCausalLM",
+    "MistralForCausalLM": "TideMistralForCausalLM",
+    "Qwen2ForCausalLM": "TideQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "TideQwen3ForCausalLM",
+}
+_PATCHED = "_vllm_tide_patched"
+
+
 def register() -> None:
-    pass
+    from vllm import ModelRegistry
+    for arch, cls in SUPPORTED.items():
+        ModelRegistry.register_model(arch, f"vllm_tide.models:{cls}")
+    _patch_engine_args()
+    _install_excepthook()
+
+
+# ----------------------------------------------------------------------------- CLI flags
+
+def add_tide_cli_args(parser):
+    if any("--tide-router" in a.option_strings for a in parser._actions):
+        return parser
+    g = parser.add_argument_group("TIDE early exit (vllm-tide)")
+    g.add_argument("--plugin", action="append", default=None, metavar="NAME",
+                   help="Enable a vllm-tide plugin; `--plugin tide` turns on per-token early exit.")
+    g.add_argument("--tide-router", default=None, metavar="PATH", help="TIDE router checkpoint (.safetensors).")
+    g.add_argument("--tide-threshold", type=float, default=None, metavar="T",
+                   help="Exit threshold in (0, 1]; default: the checkpoint's suggested threshold.")
+    g.add_argument("--tide-min-layer", type=int, default=None, metavar="N",
+                   help="Shallowest layer a token may exit at; default: the checkpoint's suggestion.")
+    return parser
+
+
+def tide_config_from_args(args) -> dict | None:
+    plugins = getattr(args, "plugin", None) or []
+    unknown = [p for p in plugins if p != "tide"]
+    if unknown:
+        raise TideConfigError(f"Unknown --plugin {unknown[0]!r}; the only plugin vllm-tide provides is `--plugin tide`.")
+    flags = {"router": getattr(args, "tide_router", None), "threshold": getattr(args, "tide_threshold", None),
+             "min_layer": getattr(args, "tide_min_layer", None)}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not plugins:
+        if given:
+            raise TideConfigError("--tide-* flags need `--plugin tide` to turn TIDE on; add it to the command.")
+        return None
+    if "router" not in given:
+        raise TideConfigError("`--plugin tide` needs a router checkpoint: add --tide-router PATH "
+                              "(make one with calibration/calibrate.py).")
+    return given
+
+
+# ----------------------------------------------------------------------------- front-end checks
+
+def check_request(engine_args) -> None:
+    """Validate a TIDE request against the model's files and settings; set eager execution."""
+    from .checkpoint import RouterCheckpoint
+    from .fingerprint import model_identity, resolve_model_dir
+    from .settings import TideSettings
+    raw = (engine_args.additional_config or {}).get("tide") if isinstance(engine_args.additional_config, dict) else None
+    if raw is None:
+        return
+    settings = TideSettings.parse(raw)
+    if not settings.enabled:
+        return
+    model_dir = resolve_model_dir(engine_args.model)
+    if model_dir is None:
+        raise TideConfigError(f"TIDE cannot find the files of model {engine_args.model!r} locally; download it "
+                              f"first or pass a local folder.")
+    identity = model_identity(model_dir)
+    if identity.architecture not in SUPPORTED:
+        raise TideConfigError(f"TIDE does not support the {identity.architecture} architecture; supported are "
+                              f"{', '.join(SUPPORTED)} (drop the TIDE settings to run this model stock).")
+    if engine_args.quantization or _quantized(model_dir):
+        raise TideConfigError("TIDE does not support quantized weights yet; use an unquantized (fp32/fp16/bf16) "
+                              "checkpoint or drop the TIDE settings.")
+    if str(engine_args.kv_cache_dtype or "auto").startswith("fp8"):
+        raise TideConfigError("TIDE does not support an fp8 KV cache yet; use --kv-cache-dtype auto.")
+    if (engine_args.pipeline_parallel_size or 1) > 1:
+        raise TideConfigError("TIDE does not support pipeline parallelism; use tensor parallelism or one device.")
+    ckpt = RouterCheckpoint.load(settings.router)
+    ckpt.check_model(identity, settings.router)
+    threshold, min_layer = settings.resolve(ckpt)
+    if not engine_args.enforce_eager:
+        logger.warning("TIDE: per-token early exit branches on exits at every checkpoint, so the model runs "
+                       "eagerly (enforce_eager=True: no torch.compile or CUDA graphs).")
+        engine_args.enforce_eager = True
+    logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router, threshold, min_layer)
+
+
+def _quantized(model_dir: str) -> bool:
+    import json
+    import os
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return "quantization_config" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------- hooks into vLLM
+
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    if getattr(EngineArgs, _PATCHED, False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+
+    def add_cli_args(parser, *a, **kw):
+        return add_tide_cli_args(orig_add(parser, *a, **kw))
+
+    def from_cli_args(cls, args):
+        engine_args = orig_from(cls, args)
+        tide = tide_config_from_args(args)
+        if tide is not None:
+            engine_args.additional_config = {**(engine_args.additional_config or {}), "tide": tide}
+        return engine_args
+
+    def create_engine_config(self, *a, **kw):
+        check_request(self)
+        return orig_create(self, *a, **kw)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    setattr(EngineArgs, _PATCHED, True)
+
+
+def _install_excepthook() -> None:
+    """Bad TIDE input ends a `vllm serve` with its one sentence, not a traceback through vLLM."""
+    previous = sys.excepthook
+    if getattr(previous, _PATCHED, False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, TideConfigError):
+            print(f"vllm-tide error: {exc}", file=sys.stderr)
+            return
+        previous(exc_type, exc, tb)
+
+    setattr(hook, _PATCHED, True)
+    sys.excepthook = hook

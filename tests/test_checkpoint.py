@@ -1,0 +1,150 @@
+"""Router checkpoint format: round trip, model identity and clear one-line errors."""
+import json
+import os
+
+import pytest
+import torch
+
+from vllm_tide.checkpoint import RouterCheckpoint, check_threshold, checkpoint_layers
+from vllm_tide.errors import TideConfigError
+from vllm_tide.fingerprint import ModelIdentity, model_identity
+from vllm_tide.settings import TideSettings
+
+
+def make_ckpt(d=16, b=4, layers=(3, 7), num_layers=12, projection="identity", fingerprint="abc"):
+    g = torch.Generator().manual_seed(0)
+    routers = {c: {"down.weight": torch.randn(b, d, generator=g), "down.bias": torch.randn(b, generator=g),
+                   "up.weight": torch.randn(1, b, generator=g), "up.bias": torch.randn(1, generator=g)} for c in layers}
+    projections = {c: {"weight": torch.randn(d, d, generator=g), "bias": torch.randn(d, generator=g)}
+                   for c in layers} if projection == "affine" else {}
+    return RouterCheckpoint(model=ModelIdentity("LlamaForCausalLM", num_layers, d, 100, fingerprint), layers=list(layers),
+                            bottleneck=b, routers=routers, projection=projection, projections=projections,
+                            corpus="unit", tokens=123, suggested_threshold=0.875, suggested_min_layer=7,
+                            extra={"note": "x"})
+
+
+@pytest.mark.parametrize("projection", ["identity", "affine"])
+def test_round_trip_is_exact(tmp_path, projection):
+    ckpt = make_ckpt(projection=projection)
+    path = str(tmp_path / "r.safetensors")
+    ckpt.save(path)
+    back = RouterCheckpoint.load(path)
+    assert back.model == ckpt.model and back.layers == ckpt.layers and back.bottleneck == ckpt.bottleneck
+    assert (back.suggested_threshold, back.suggested_min_layer, back.tokens, back.corpus, back.extra) == \
+        (0.875, 7, 123, "unit", {"note": "x"})
+    for c in ckpt.layers:
+        for k, v in ckpt.routers[c].items():
+            assert torch.equal(back.routers[c][k], v)
+        for k, v in ckpt.projections.get(c, {}).items():
+            assert torch.equal(back.projections[c][k], v)
+
+
+def test_default_model_router_is_small(tmp_path):
+    ckpt = make_ckpt(d=576, b=128, layers=(3, 7, 11, 15, 19, 23, 27), num_layers=30)
+    path = tmp_path / "r.safetensors"
+    ckpt.save(str(path))
+    assert path.stat().st_size < 2.5e6
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.endswith(".")
+    return msg
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    path = tmp_path / "r.safetensors"
+    make_ckpt().save(str(path))
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00garbage" * 10)
+    for name in ("trunc", "junk"):
+        with pytest.raises(TideConfigError) as e:
+            RouterCheckpoint.load(str(tmp_path / f"{name}.safetensors"))
+        assert "truncated or corrupt" in one_line(e)
+    with pytest.raises(TideConfigError) as e:
+        RouterCheckpoint.load(str(tmp_path / "missing.safetensors"))
+    assert "does not exist" in one_line(e)
+
+
+def test_unknown_format_version(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    path = str(tmp_path / "r.safetensors")
+    make_ckpt().save(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(path), path, metadata={**meta, "format_version": "99"})
+    with pytest.raises(TideConfigError) as e:
+        RouterCheckpoint.load(path)
+    assert "version '99'" in one_line(e)
+
+
+def test_router_for_another_model_is_refused():
+    ckpt = make_ckpt()
+    ckpt.check_model(ModelIdentity("LlamaForCausalLM", 12, 16, 100, "abc"), "r")   # same model: fine
+    with pytest.raises(TideConfigError) as e:
+        ckpt.check_model(ModelIdentity("LlamaForCausalLM", 12, 16, 100, "zzz"), "r")
+    assert "different model" in one_line(e)
+    with pytest.raises(TideConfigError) as e:
+        ckpt.check_model(ModelIdentity("LlamaForCausalLM", 12, 32, 100, "abc"), "r")
+    assert "hidden size" in one_line(e)
+
+
+def test_shape_mismatch_in_file(tmp_path):
+    ckpt = make_ckpt()
+    ckpt.routers[3]["down.weight"] = torch.randn(4, 17)
+    path = str(tmp_path / "r.safetensors")
+    ckpt.save(path)
+    with pytest.raises(TideConfigError) as e:
+        RouterCheckpoint.load(path)
+    assert "shape" in one_line(e)
+
+
+def test_checkpoint_layers_never_include_final_layer():
+    for n in (2, 5, 12, 30, 32):
+        for k in range(1, n):
+            layers = checkpoint_layers(n, k)
+            assert n - 1 not in layers and all(0 <= c < n - 1 for c in layers)
+    assert checkpoint_layers(30, 4) == [3, 7, 11, 15, 19, 23, 27]
+    assert checkpoint_layers(32, 4) == [3, 7, 11, 15, 19, 23, 27]   # not 31: that is the last layer
+    for bad in (0, -1, 30):
+        with pytest.raises(TideConfigError):
+            checkpoint_layers(30, bad)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.01, "0.5", None, float("nan")])
+def test_threshold_out_of_range(value):
+    with pytest.raises(TideConfigError) as e:
+        check_threshold(value)
+    one_line(e)
+
+
+def test_settings_parse():
+    s = TideSettings.parse({"router": "r.safetensors", "threshold": 1.0, "min_layer": 3})
+    assert (s.threshold, s.min_layer, s.enabled) == (1.0, 3, True)
+    assert TideSettings.parse({"enabled": False}).enabled is False
+    for bad in ({"threshold": 0.5}, {"router": "r", "threshold": 2}, {"router": "r", "min_layer": -1},
+                {"router": "r", "thresold": 0.5}, "r.safetensors"):
+        with pytest.raises(TideConfigError):
+            TideSettings.parse(bad)
+    # threshold precedence: explicit setting, else the checkpoint's suggestion
+    ckpt = make_ckpt()
+    assert TideSettings.parse({"router": "r"}).resolve(ckpt) == (0.875, 7)
+    assert TideSettings.parse({"router": "r", "threshold": 0.6, "min_layer": 3}).resolve(ckpt) == (0.6, 3)
+
+
+def test_fingerprint_tracks_weights_as_stored(tmp_path):
+    from safetensors.torch import save_file
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 4, "vocab_size": 10}
+    tensors = {"model.norm.weight": torch.ones(4), "model.layers.0.self_attn.k_proj.weight": torch.randn(4, 4)}
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(tmp_path / "a" / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.ones(4) * 1.001
+    save_file(tensors, str(tmp_path / "b" / "model.safetensors"))
+    a, b = model_identity(str(tmp_path / "a")), model_identity(str(tmp_path / "b"))
+    assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
+    assert (a.architecture, a.num_layers, a.hidden_size, a.vocab_size) == ("LlamaForCausalLM", 2, 4, 10)
+    assert model_identity(str(tmp_path / "a")) == a

@@ -1,0 +1,211 @@
+"""TIDE ops: PyTorch twins against direct definitions (CPU, always), CUDA kernels against the twins
+(GPU only). Fresh random inputs each run; outputs poisoned first so unwritten elements are caught."""
+import pytest
+import torch
+
+import vllm_tide.ops as ops
+from vllm_tide.ops import reference as ref
+from vllm_tide.router import Router, router_input
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SIZES = [1, 31, 32, 33, 1024, 1025]
+
+
+def rel_err(out, want):
+    out, want = out.double(), want.double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 33, 1025])
+def test_router_score_matches_router_module(dtype, n):
+    d, b = 96, 16
+    router = Router(d, b)
+    x = (torch.randn(n, d) * 3).to(dtype)
+    norm_w = torch.rand(d) + 0.5
+    active = torch.rand(n) > 0.3
+    score, fire = ops.router_score(x, norm_w, 1e-5, router.down.weight.data, router.down.bias.data,
+                                   router.up.weight.data.reshape(-1), router.up.bias.data, 0.5, active)
+    with torch.no_grad():
+        want = router(router_input(x, norm_w, 1e-5).float())
+    assert rel_err(score, want) < 1e-5
+    assert torch.equal(fire, active & (want > 0.5))
+
+
+def test_threshold_one_never_fires():
+    d, b = 8, 4
+    x = torch.randn(64, d)
+    w1, b1 = torch.zeros(b, d), torch.zeros(b)
+    score, fire = ops.router_score(x, torch.ones(d), 1e-5, w1, b1, torch.zeros(b), torch.tensor([1e4]), 1.0,
+                                   torch.ones(64, dtype=torch.bool))
+    assert (score == 1.0).all() and not fire.any()
+
+
+@pytest.mark.parametrize("n", SIZES + [100_000])
+def test_compact_is_a_stable_split(n):
+    mask = torch.rand(n) > 0.5
+    order, count = ops.compact(mask)
+    keep = [i for i in range(n) if not mask[i]] if n < 5000 else torch.nonzero(~mask).flatten().tolist()
+    gone = [i for i in range(n) if mask[i]] if n < 5000 else torch.nonzero(mask).flatten().tolist()
+    assert count.item() == len(keep)
+    assert order.tolist() == keep + gone
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_rows(dtype):
+    dst = torch.full((50, 7), float("nan"), dtype=dtype)
+    idx = torch.randperm(50)[:20]
+    src = torch.randn(20, 7, dtype=dtype)
+    ops.scatter_rows(dst, idx, src)
+    assert torch.equal(dst[idx], src)
+    assert torch.isnan(dst[[i for i in range(50) if i not in set(idx.tolist())]]).all()
+
+
+def per_layer_kv(x, kv_w, norms, biases, knorms, eps, cos_sin, pos, heads, hd, rd, neox):
+    """Direct definition: each layer's own norm, projection, k-norm and rotary, one layer at a time."""
+    ks, vs = [], []
+    for j in range(len(kv_w)):
+        h = router_input(x, norms[j], eps)
+        kv = h @ kv_w[j].to(x.dtype).t()
+        if biases is not None:
+            kv = kv + biases[j].to(x.dtype)
+        k, v = kv.view(len(x), 2, heads, hd).unbind(1)
+        if knorms is not None:
+            k = router_input(k, knorms[j], 1e-6)
+        ks.append(ref.apply_rotary(k[None], cos_sin[pos], rd, neox)[0])
+        vs.append(v)
+    return torch.stack(ks), torch.stack(vs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qwen", [False, True])
+@pytest.mark.parametrize("n", [1, 33])
+def test_kv_project_matches_per_layer_definition(dtype, qwen, n):
+    L, d, heads, hd = 3, 64, 2, 16
+    x = torch.randn(n, d).to(dtype)
+    kv_w = [torch.randn(2 * heads * hd, d) / 8 for _ in range(L)]
+    norms = [torch.rand(d) + 0.5 for _ in range(L)]
+    biases = [torch.randn(2 * heads * hd) for _ in range(L)] if qwen else None
+    knorms = [torch.rand(hd) + 0.5 for _ in range(L)] if qwen else None
+    cos_sin = torch.randn(100, hd)
+    pos = torch.randint(0, 100, (n,))
+    k, v = ops.kv_project(x, ops.fold_kv_weights(kv_w, norms), None if biases is None else torch.cat(biases), 1e-5,
+                          None if knorms is None else torch.stack(knorms), 1e-6, cos_sin, pos, L, heads, hd, hd, True)
+    kw, vw = per_layer_kv(x, kv_w, norms, biases, knorms, 1e-5, cos_sin, pos, heads, hd, hd, True)
+    assert k.shape == (L, n, heads, hd)
+    assert rel_err(k, kw) < TOL[dtype] * 3 and rel_err(v, vw) < TOL[dtype] * 3
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotary_matches_vllm(neox):
+    vllm_rope = pytest.importorskip("vllm.model_executor.layers.rotary_embedding")
+    from vllm.config import VllmConfig, set_current_vllm_config
+    with set_current_vllm_config(VllmConfig()):
+        rope = vllm_rope.get_rope(64, max_position=256, is_neox_style=neox,
+                                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    pos = torch.randint(0, 256, (9,))
+    q, k = torch.randn(9, 3 * 64), torch.randn(9, 2 * 64)
+    _, k_want = rope.forward_native(pos, q.clone(), k.clone())
+    k_got = ref.apply_rotary(k.view(9, 2, 64), rope.cos_sin_cache[pos], rope.rotary_dim, neox)
+    assert rel_err(k_got.reshape(9, -1), k_want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+def test_kv_cache_write_matches_cpu_backend(dtype, isa):
+    """The twin's writes through strided views land exactly where vLLM's CPU backend writes the same K/V."""
+    pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
+    from vllm import _custom_ops as vops
+    from vllm_tide.kv_cache import cache_views
+    blocks, heads, bs, hd, n = 6, 2, 32, 64, 40
+    k = torch.randn(1, n, heads, hd).to(dtype)
+    v = torch.randn(1, n, heads, hd).to(dtype)
+    slots = torch.randperm(blocks * bs)[:n]
+    slots[3] = -1
+    backend = torch.full((blocks, heads, bs, 2 * hd), float("nan"), dtype=dtype)
+    kc, vc = backend.view(blocks, heads, 2 * bs, hd).chunk(2, dim=2)
+    vops.cpu_attn_reshape_and_cache(k[0], v[0], kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    mine = torch.full_like(backend, float("nan"))
+    kview, vview = cache_views(mine, isa, heads, hd)
+    ops.kv_cache_write(k, v, [kview], [vview], slots[None])
+    assert torch.equal(torch.isnan(mine), torch.isnan(backend))
+    ok = ~torch.isnan(backend)
+    assert torch.equal(mine[ok], backend[ok])
+    assert torch.isnan(mine).any()   # slot -1 and unused slots stay untouched
+
+
+# ----------------------------------------------------------------------------- CUDA kernels vs twins
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops.CUDA_LIBRARY),
+                          reason="needs a CUDA device and the ops library built with `make ops`")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [4096])
+@pytest.mark.parametrize("d", [576, 896, 4096])
+def test_cuda_router_score(dtype, n, d):
+    b = 128
+    args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
+            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
+    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    s_ref, f_ref = ref.router_score(*args)
+    s, f = torch.ops.tide.router_score(*gpu)
+    assert rel_err(s.cpu(), s_ref) < 1e-4
+    # borderline scores may flip; everything clear of the threshold must agree
+    clear = (s_ref - 0.5).abs() > 1e-3
+    assert torch.equal(f.cpu()[clear], f_ref[clear])
+
+
+@cuda
+@pytest.mark.parametrize("n", SIZES + [100_000])
+def test_cuda_compact(n):
+    mask = torch.rand(n) > 0.5
+    order, count = torch.ops.tide.compact(mask.cuda())
+    o_ref, c_ref = ref.compact(mask)
+    assert torch.equal(order.cpu(), o_ref) and torch.equal(count.cpu(), c_ref)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 33, 1025])
+def test_cuda_scatter_rows(dtype, n):
+    dst = torch.full((n + 7, 300), float("nan"), dtype=dtype, device="cuda")
+    idx = torch.randperm(n + 7, device="cuda")[:n]
+    src = torch.randn(n, 300, dtype=dtype, device="cuda")
+    want = dst.clone().cpu()
+    ref.scatter_rows(want, idx.cpu(), src.cpu())
+    torch.ops.tide.scatter_rows(dst, idx, src)
+    assert torch.equal(torch.isnan(dst.cpu()), torch.isnan(want))
+    assert torch.equal(dst.cpu()[~torch.isnan(want)], want[~torch.isnan(want)])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qwen", [False, True])
+@pytest.mark.parametrize("n", [1, 31, 33, 1025])
+def test_cuda_kv_fill(dtype, qwen, n):
+    L, d, heads, hd, blocks, bs = 4, 512, 8, 128, 64, 16
+    x = torch.randn(n, d).to(dtype)
+    w = torch.randn(L * 2 * heads * hd, d) / d ** 0.5
+    bias = torch.randn(L * 2 * heads * hd) if qwen else None
+    knorm = torch.rand(L, hd) + 0.5 if qwen else None
+    cos_sin = torch.randn(4096, hd)
+    pos = torch.randint(0, 4096, (n,))
+    args = (x, w.to(dtype), bias, 1e-5, knorm, 1e-6, cos_sin, pos, L, heads, hd, hd, True)
+    k_ref, v_ref = ref.kv_project(*args)
+    k, v = torch.ops.tide.kv_project(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+    assert rel_err(k.cpu(), k_ref) < TOL[dtype] * 3 and rel_err(v.cpu(), v_ref) < TOL[dtype] * 3
+    slots = torch.stack([torch.randperm(blocks * bs)[:n] for _ in range(L)])
+    slots[:, ::7] = -1
+    caches = torch.full((L, 2, blocks, bs, heads, hd), float("nan"), dtype=dtype)
+    want = caches.clone()
+    ref.kv_cache_write(k_ref, v_ref, [want[j, 0] for j in range(L)], [want[j, 1] for j in range(L)], slots)
+    gc = caches.cuda()
+    torch.ops.tide.kv_cache_write(k_ref.cuda(), v_ref.cuda(), [gc[j, 0] for j in range(L)],
+                                  [gc[j, 1] for j in range(L)], slots.cuda())
+    got = gc.cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])

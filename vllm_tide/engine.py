@@ -1,0 +1,213 @@
+"""The early-exit mechanism, written once for every supported family.
+
+Per step, in eager mode:
+- Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer).
+- An exited token's residual stream x_e is frozen. In vLLM's fused-residual form it is kept as
+  (hidden=0, residual=x_e), so each deeper layer's fused add+norm yields norm(x_e) for it.
+- While some tokens are still running, each deeper layer runs its attention block over all tokens
+  (exited tokens thereby write K/V computed from x_e into that layer's paged cache, and the attention
+  metadata stays untouched), but the output projection, post-attention norm, MLP and residual
+  update run only on the running rows (gather -> compute -> scatter). Those are "partial" token-layers.
+- Once every token has exited, the remaining layers only fill K/V: one stacked GEMM over all deeper
+  layers' folded K/V weights, k-norm and rotary, then each layer's cache write. Attention and MLP are
+  skipped entirely. Those are "skipped" token-layers.
+- An exited token's output is final_norm(x_e), then its checkpoint's exit projection.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import ops
+from .checkpoint import RouterCheckpoint
+from .stats import ExitCounters
+
+logger = logging.getLogger("vllm_tide")
+
+
+class DecoderAdapter:
+    """Where a family keeps its pieces. The Llama layout; other families override what differs."""
+
+    def attention_core(self, attn, positions: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+        """The attention block up to (not including) the output projection; writes this layer's K/V."""
+        qkv, _ = attn.qkv_proj(normed)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = self.qk_norm(attn, q, k)
+        q, k = attn.rotary_emb(positions, q, k)
+        q = self.scale_query(attn, positions, q)
+        return attn.attn(q, k, v)
+
+    def qk_norm(self, attn, q, k):
+        return q, k
+
+    def k_norm(self, attn) -> tuple[torch.Tensor, float] | None:
+        return None
+
+    def scale_query(self, attn, positions, q):
+        return q
+
+
+class Qwen3Adapter(DecoderAdapter):
+    def qk_norm(self, attn, q, k):
+        n = q.shape[0]
+        q = attn.q_norm(q.view(n, -1, attn.head_dim)).view(n, -1)
+        k = attn.k_norm(k.view(n, -1, attn.head_dim)).view(n, -1)
+        return q, k
+
+    def k_norm(self, attn):
+        return attn.k_norm.weight, attn.k_norm.variance_epsilon
+
+
+class Qwen2Adapter(Qwen3Adapter):
+    """Qwen2 has q/k norms only when its config asks for them."""
+
+    def qk_norm(self, attn, q, k):
+        return super().qk_norm(attn, q, k) if getattr(attn, "qk_norm", False) else (q, k)
+
+    def k_norm(self, attn):
+        return super().k_norm(attn) if getattr(attn, "qk_norm", False) else None
+
+
+class MistralAdapter(DecoderAdapter):
+    def scale_query(self, attn, positions, q):
+        if getattr(attn, "do_llama_4_scaling", False):
+            q = (q * attn._get_llama_4_attn_scale(positions)).to(q.dtype)
+        return q
+
+
+def _real_step() -> tuple[bool, int | None]:
+    """(is this a real step with attention metadata, number of real tokens if padding is marked)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+    if not is_forward_context_available():
+        return False, None
+    ctx = get_forward_context()
+    real = bool(ctx.attn_metadata)
+    pad = getattr(ctx, "is_padding", None)
+    return real, (None if pad is None else int((~pad).sum()))
+
+
+class EarlyExitEngine:
+    def __init__(self, ckpt: RouterCheckpoint, threshold: float, min_layer: int, adapter: DecoderAdapter):
+        self.ckpt = ckpt
+        self.threshold = threshold
+        self.min_layer = min_layer
+        self.adapter = adapter
+        self.layers = [c for c in ckpt.layers if c >= min_layer]
+        self.counters = ExitCounters(self.layers, ckpt.model.num_layers)
+        self._routers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._proj: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv: dict | None = None
+
+    # ------------------------------------------------------------------ set-up after weights are loaded
+    def prepare(self, lm) -> None:
+        model = lm.model
+        dev = model.norm.weight.device
+        for c in self.layers:
+            r = self.ckpt.routers[c]
+            self._routers[c] = (r["down.weight"].float().to(dev), r["down.bias"].float().to(dev),
+                                r["up.weight"].float().reshape(-1).to(dev), r["up.bias"].float().reshape(1).to(dev))
+            if c in self.ckpt.projections:
+                p = self.ckpt.projections[c]
+                self._proj[c] = (p["weight"].float().to(dev), p["bias"].float().to(dev))
+        self._norm = (model.norm.weight.data, float(model.norm.variance_epsilon))
+        attns = [layer.self_attn for layer in model.layers]
+        a0 = attns[0]
+        q, kv = a0.q_size, a0.kv_size
+        norms = [layer.input_layernorm.weight.data for layer in model.layers]
+        kv_w = [a.qkv_proj.weight.data[q:q + 2 * kv] for a in attns]
+        biases = [getattr(a.qkv_proj, "bias", None) for a in attns]
+        knorms = [self.adapter.k_norm(a) for a in attns]
+        rope = a0.rotary_emb
+        self._kv = {
+            "w": ops.fold_kv_weights(kv_w, norms),              # [L*2*kv, D]
+            "bias": None if biases[0] is None else torch.cat([b.data[q:q + 2 * kv] for b in biases]),
+            "k_norm": None if knorms[0] is None else torch.stack([w.data for w, _ in knorms]),
+            "k_norm_eps": 0.0 if knorms[0] is None else float(knorms[0][1]),
+            "eps": float(model.layers[0].input_layernorm.variance_epsilon),
+            "kv_size": kv, "num_kv_heads": a0.num_kv_heads, "head_size": a0.head_dim,
+            "rotary_dim": rope.rotary_dim, "neox": bool(rope.is_neox_style), "rope": rope,
+            "layer_names": [a.attn.layer_name for a in attns],
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, lm, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
+        model = lm.model
+        real, n_real = _real_step()
+        if not real:  # profile and dummy runs: the stock path, uncounted
+            return model(input_ids, positions, None, inputs_embeds)
+        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        n = h.shape[0]
+        self.counters.tokens += n if n_real is None else n_real
+        residual = None
+        exit_layer = None          # [N] int64, -1 while running; None until the first exit
+        running = None             # row indices still running; None means all
+        num_layers = len(model.layers)
+        for i, layer in enumerate(model.layers):
+            if running is None:
+                h, residual = layer(positions, h, residual)
+            elif running.numel() == 0:
+                self._fill_kv(model, residual, positions, i)
+                self.counters.skipped += n * (num_layers - i)
+                break
+            else:
+                h, residual = self._partial_layer(layer, positions, h, residual, running)
+                self.counters.partial += n - running.numel()
+            if i in self._routers:
+                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running)
+        out, _ = model.norm(h, residual)
+        if exit_layer is not None:
+            out = self._project_exits(out, exit_layer)
+        return out
+
+    def _route(self, layer, h, residual, exit_layer, running):
+        """Score the running rows at checkpoint ``layer``; freeze the ones that exit."""
+        n = h.shape[0]
+        rows = torch.arange(n, device=h.device) if running is None else running
+        x = h.index_select(0, rows) + residual.index_select(0, rows)
+        w1, b1, w2, b2 = self._routers[layer]
+        active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
+        _, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.threshold, active)
+        order, num_running = ops.compact(fire)
+        k = int(num_running.item())     # the one host sync per checkpoint: the layer loop branches on it
+        if k == rows.numel():
+            return h, residual, exit_layer, running
+        exited, order_exited = rows.index_select(0, order[k:]), order[k:]
+        if exit_layer is None:
+            exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
+        exit_layer[exited] = layer
+        self.counters.exits[layer] += exited.numel()
+        # freeze as (hidden, residual) = (0, x_e), so later fused add+norms give norm(x_e)
+        ops.scatter_rows(residual, exited, x.index_select(0, order_exited))
+        ops.scatter_rows(h, exited, torch.zeros(exited.numel(), h.shape[1], dtype=h.dtype, device=h.device))
+        return h, residual, exit_layer, rows.index_select(0, order[:k])
+
+    def _partial_layer(self, layer, positions, h, residual, running):
+        h, residual = layer.input_layernorm(h, residual)
+        attn_out = self.adapter.attention_core(layer.self_attn, positions, h)
+        a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
+        a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
+        a = layer.mlp(a)
+        h_new = torch.zeros_like(h)
+        ops.scatter_rows(h_new, running, a)
+        ops.scatter_rows(residual, running, r)
+        return h_new, residual
+
+    def _fill_kv(self, model, frozen: torch.Tensor, positions: torch.Tensor, start: int) -> None:
+        """Every token has exited: write layers start.. K/V from the frozen states, nothing else."""
+        from .kv_cache import write_layers_kv
+        kv = self._kv
+        count = len(model.layers) - start
+        rows = slice(start * 2 * kv["kv_size"], None)
+        k, v = ops.kv_project(frozen, kv["w"][rows], None if kv["bias"] is None else kv["bias"][rows], kv["eps"],
+                              None if kv["k_norm"] is None else kv["k_norm"][start:], kv["k_norm_eps"],
+                              kv["rope"].cos_sin_cache, positions, count, kv["num_kv_heads"], kv["head_size"],
+                              kv["rotary_dim"], kv["neox"])
+        write_layers_kv(kv["layer_names"][start:], k, v)
+
+    def _project_exits(self, out: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor:
+        for c, (w, b) in self._proj.items():
+            rows = (exit_layer == c).nonzero().flatten()
+            if rows.numel():
+                ops.scatter_rows(out, rows, torch.nn.functional.linear(out.index_select(0, rows).float(), w, b))
+        return out

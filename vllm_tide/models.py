@@ -1,0 +1,54 @@
+"""TIDE variants of vLLM's model classes: each family is its stock class plus an adapter.
+
+When TIDE is not asked for, constructing a TIDE class returns an instance of the stock class itself,
+so installing the plugin changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from .checkpoint import RouterCheckpoint
+from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from .settings import TideSettings
+
+logger = logging.getLogger("vllm_tide")
+
+
+def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
+    class TideVariant(base):
+        def __new__(cls, *, vllm_config, prefix: str = ""):
+            if TideSettings.from_vllm_config(vllm_config) is None:
+                return base(vllm_config=vllm_config, prefix=prefix)
+            return super().__new__(cls)
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            settings = TideSettings.from_vllm_config(vllm_config)
+            ckpt = RouterCheckpoint.load(settings.router)   # loaded once: the file may go away later
+            threshold, min_layer = settings.resolve(ckpt)
+            self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter)
+            self.tide_counters = self.tide.counters
+            logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
+                        base.__name__, settings.router, threshold, min_layer, self.tide.layers)
+
+        def load_weights(self, weights):
+            loaded = super().load_weights(weights)
+            self.tide.prepare(self)
+            return loaded
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            return self.tide.forward(self, input_ids, positions, inputs_embeds)
+
+    TideVariant.__name__ = TideVariant.__qualname__ = f"Tide{base.__name__}"
+    return TideVariant
+
+
+TideLlamaForCausalLM = _tide_variant(LlamaForCausalLM, DecoderAdapter())
+TideMistralForCausalLM = _tide_variant(MistralForCausalLM, MistralAdapter())
+TideQwen2ForCausalLM = _tide_variant(Qwen2ForCausalLM, Qwen2Adapter())
+TideQwen3ForCausalLM = _tide_variant(Qwen3ForCausalLM, Qwen3Adapter())

@@ -1,0 +1,58 @@
+"""TIDE settings from ``additional_config["tide"]`` (offline) or the ``--tide-*`` flags (served)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checkpoint import RouterCheckpoint, check_threshold
+from .errors import TideConfigError
+
+KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled"}
+
+
+@dataclass(frozen=True)
+class TideSettings:
+    router: str
+    threshold: float | None = None   # None: the checkpoint's suggested threshold
+    min_layer: int | None = None     # None: the checkpoint's suggested minimum exit depth
+    enabled: bool = True
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "TideSettings | None":
+        """None when TIDE was not asked for (or is explicitly disabled): the stock forward path."""
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        raw = extra.get("tide") if isinstance(extra, dict) else None
+        if raw is None:
+            return None
+        s = cls.parse(raw)
+        return s if s.enabled else None
+
+    @classmethod
+    def parse(cls, raw) -> "TideSettings":
+        if not isinstance(raw, dict):
+            raise TideConfigError(f'additional_config["tide"] must be a dict like {{"router": PATH}}, got {raw!r}.')
+        unknown = set(raw) - KNOWN_KEYS
+        if unknown:
+            raise TideConfigError(f"Unknown TIDE setting(s) {sorted(unknown)}; known settings are {sorted(KNOWN_KEYS)}.")
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise TideConfigError(f'The TIDE setting "enabled" must be true or false, got {enabled!r}.')
+        router = raw.get("router")
+        if enabled and not (isinstance(router, str) and router):
+            raise TideConfigError('TIDE needs a router checkpoint: set additional_config={"tide": {"router": PATH}} '
+                                  "or --tide-router PATH (make one with calibration/calibrate.py).")
+        threshold = raw.get("threshold")
+        if threshold is not None:
+            threshold = check_threshold(threshold)
+        min_layer = raw.get("min_layer")
+        if min_layer is not None and (isinstance(min_layer, bool) or not isinstance(min_layer, int) or min_layer < 0):
+            raise TideConfigError(f"The TIDE min_layer must be a non-negative layer index, got {min_layer!r}.")
+        return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled)
+
+    def resolve(self, ckpt: RouterCheckpoint) -> tuple[float, int]:
+        """Threshold and minimum exit depth in force: explicit settings win over the checkpoint's."""
+        threshold = self.threshold if self.threshold is not None else check_threshold(ckpt.suggested_threshold)
+        min_layer = self.min_layer if self.min_layer is not None else ckpt.suggested_min_layer
+        if min_layer >= ckpt.model.num_layers:
+            raise TideConfigError(f"The TIDE min_layer {min_layer} is not below the model's {ckpt.model.num_layers} "
+                                  f"layers; use a checkpoint layer from {ckpt.layers}.")
+        return threshold, min_layer
