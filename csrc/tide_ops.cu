@@ -1,0 +1,346 @@
+// CUDA kernels for TIDE's exit path. Schemas are defined in Python (vllm_tide/ops/__init__.py, library
+// "tide"); this file registers CUDA implementations with the same semantics as ops/reference.py.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_scan.cuh>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+#define TIDE_CHECK_CUDA() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v) { return static_cast<T>(v); }
+
+template <typename V> __device__ __forceinline__ V warp_sum(V v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+// ----------------------------------------------------------------------------- fused router scoring
+// One block scores TOK tokens: RMSNorm (fp32, rounded to the model dtype like the model's own norm),
+// down-projection (B outputs), SiLU, up-projection, sigmoid, threshold and active mask.
+constexpr int TOK = 16;
+constexpr int DC = 32;          // hidden-dimension chunk staged in shared memory
+constexpr int THREADS = 256;
+
+template <typename T, int B>
+__global__ void router_score_kernel(const T* __restrict__ x, const float* __restrict__ norm_w, float eps,
+                                    const float* __restrict__ w1, const float* __restrict__ b1,
+                                    const float* __restrict__ w2, const float* __restrict__ b2, float threshold,
+                                    const bool* __restrict__ active, float* __restrict__ score,
+                                    bool* __restrict__ exit_mask, int n, int d) {
+  constexpr int GROUPS = THREADS / B;            // token groups per block
+  constexpr int PER = TOK / GROUPS;              // tokens per thread
+  __shared__ float rstd[TOK];
+  __shared__ float zs[TOK][DC];
+  __shared__ float ws[B][DC + 1];
+  __shared__ float partial[TOK][B / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t0 = blockIdx.x * TOK;
+
+  for (int t = warp; t < TOK; t += THREADS / 32) {        // pass 1: 1/rms per token
+    float s = 0.f;
+    if (t0 + t < n)
+      for (int i = lane; i < d; i += 32) { float v = to_f(x[(size_t)(t0 + t) * d + i]); s += v * v; }
+    s = warp_sum(s);
+    if (lane == 0) rstd[t] = rsqrtf(s / d + eps);
+  }
+  __syncthreads();
+
+  const int j = tid % B, g = tid / B;
+  float acc[PER];
+#pragma unroll
+  for (int k = 0; k < PER; ++k) acc[k] = 0.f;
+  for (int d0 = 0; d0 < d; d0 += DC) {                     // pass 2: down-projection, chunk by chunk
+    for (int e = tid; e < TOK * DC; e += THREADS) {
+      int t = e / DC, dd = e % DC, col = d0 + dd;
+      float v = 0.f;
+      if (t0 + t < n && col < d) v = to_f(from_f<T>(to_f(x[(size_t)(t0 + t) * d + col]) * rstd[t] * norm_w[col]));
+      zs[t][dd] = v;
+    }
+    for (int e = tid; e < B * DC; e += THREADS) {
+      int r = e / DC, dd = e % DC, col = d0 + dd;
+      ws[r][dd] = col < d ? w1[(size_t)r * d + col] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int dd = 0; dd < DC; ++dd) {
+      float w = ws[j][dd];
+#pragma unroll
+      for (int k = 0; k < PER; ++k) acc[k] += w * zs[g * PER + k][dd];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < PER; ++k) {                          // SiLU, up-projection, reduced over B
+    float h = acc[k] + b1[j];
+    float v = warp_sum(h / (1.f + __expf(-h)) * w2[j]);
+    if (lane == 0) partial[g * PER + k][j / 32] = v;
+  }
+  __syncthreads();
+  if (tid < TOK && t0 + tid < n) {
+    float s = b2[0];
+#pragma unroll
+    for (int q = 0; q < B / 32; ++q) s += partial[tid][q];
+    float p = 1.f / (1.f + expf(-s));
+    score[t0 + tid] = p;
+    exit_mask[t0 + tid] = active[t0 + tid] && p > threshold;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                                     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                                     const at::Tensor& b2, double threshold, const at::Tensor& active) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tide::router_score: x must be a contiguous [N, D] tensor");
+  const int n = x.size(0), d = x.size(1), b = w1.size(0);
+  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  auto nw = f32(norm_weight), W1 = f32(w1), B1 = f32(b1), W2 = f32(w2).view(-1), B2 = f32(b2).view(-1);
+  auto act = active.to(at::kBool).contiguous();
+  auto score = at::empty({n}, x.options().dtype(at::kFloat));
+  auto ex = at::empty({n}, x.options().dtype(at::kBool));
+  if (n == 0) return {score, ex};
+  TORCH_CHECK(b == 128 || b == 64 || b == 256, "tide::router_score: bottleneck must be 64, 128 or 256");
+  dim3 grid((n + TOK - 1) / TOK);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_score", [&] {
+#define LAUNCH(BB)                                                                                            \
+  router_score_kernel<scalar_t, BB><<<grid, THREADS, 0, stream>>>(                                           \
+      x.data_ptr<scalar_t>(), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), B1.data_ptr<float>(), \
+      W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold, act.data_ptr<bool>(),                     \
+      score.data_ptr<float>(), ex.data_ptr<bool>(), n, d)
+    if (b == 64) LAUNCH(64); else if (b == 128) LAUNCH(128); else LAUNCH(256);
+#undef LAUNCH
+  });
+  TIDE_CHECK_CUDA();
+  return {score, ex};
+}
+
+// ----------------------------------------------------------------------------- compaction
+// One block walks the rows in chunks: first counts continuing rows, then places each row with a
+// block-wide scan. Stable, correct for any N, and allocates nothing beyond its outputs.
+constexpr int SCAN = 1024;
+
+__global__ void compact_kernel(const bool* __restrict__ mask, int64_t* __restrict__ order,
+                               int64_t* __restrict__ count, int n) {
+  using Scan = cub::BlockScan<int, SCAN>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int total_keep, base_keep, base_exit;
+  if (threadIdx.x == 0) { total_keep = 0; base_keep = 0; base_exit = 0; }
+  __syncthreads();
+  int local = 0;
+  for (int i = threadIdx.x; i < n; i += SCAN) local += !mask[i];
+  __shared__ int red[SCAN / 32];
+  int w = warp_sum(local);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = w;
+  __syncthreads();
+  if (threadIdx.x == 0) { int s = 0; for (int q = 0; q < SCAN / 32; ++q) s += red[q]; total_keep = s; }
+  __syncthreads();
+  const int keep_total = total_keep;
+  for (int start = 0; start < n; start += SCAN) {
+    int i = start + threadIdx.x;
+    int keep = i < n ? !mask[i] : 0, gone = i < n ? (int)mask[i] : 0;
+    int keep_pos, gone_pos, keep_sum, gone_sum;
+    Scan(tmp).ExclusiveSum(keep, keep_pos, keep_sum);
+    __syncthreads();
+    Scan(tmp).ExclusiveSum(gone, gone_pos, gone_sum);
+    if (keep) order[base_keep + keep_pos] = i;
+    if (gone) order[keep_total + base_exit + gone_pos] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) { base_keep += keep_sum; base_exit += gone_sum; }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) count[0] = keep_total;
+}
+
+std::tuple<at::Tensor, at::Tensor> compact_cuda(const at::Tensor& exit_mask) {
+  const c10::cuda::CUDAGuard guard(exit_mask.device());
+  auto m = exit_mask.to(at::kBool).contiguous();
+  const int n = m.size(0);
+  auto order = at::empty({n}, m.options().dtype(at::kLong));
+  auto count = at::empty({1}, m.options().dtype(at::kLong));
+  compact_kernel<<<1, SCAN, 0, c10::cuda::getCurrentCUDAStream()>>>(m.data_ptr<bool>(), order.data_ptr<int64_t>(),
+                                                                  count.data_ptr<int64_t>(), n);
+  TIDE_CHECK_CUDA();
+  return {order, count};
+}
+
+// ----------------------------------------------------------------------------- row scatter
+template <typename T>
+__global__ void scatter_rows_kernel(T* __restrict__ dst, const int64_t* __restrict__ index,
+                                    const T* __restrict__ src, int rows, int cols, int64_t dst_stride) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < (int64_t)rows * cols;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = e / cols, c = e % cols;
+    dst[index[r] * dst_stride + c] = src[e];
+  }
+}
+
+void scatter_rows_cuda(at::Tensor dst, const at::Tensor& index, const at::Tensor& src) {
+  const c10::cuda::CUDAGuard guard(dst.device());
+  TORCH_CHECK(dst.dim() == 2 && dst.stride(1) == 1, "tide::scatter_rows: dst must be [R, C] with unit column stride");
+  auto s = src.to(dst.scalar_type()).contiguous();
+  auto idx = index.to(at::kLong).contiguous();
+  const int rows = s.size(0), cols = s.size(1);
+  if (rows == 0) return;
+  int blocks = std::min<int64_t>(((int64_t)rows * cols + 255) / 256, 65535);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dst.scalar_type(), "scatter_rows", [&] {
+    scatter_rows_kernel<scalar_t><<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        dst.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), s.data_ptr<scalar_t>(), rows, cols, dst.stride(0));
+  });
+  TIDE_CHECK_CUDA();
+}
+
+// ----------------------------------------------------------------------------- multi-layer K/V projection
+// One GEMM (cuBLAS) of the un-weighted normalised state against every deeper layer's folded K/V weights,
+// then one kernel for bias, k-norm and rotary over all layers and tokens.
+template <typename T>
+__global__ void kv_epilogue_kernel(const T* __restrict__ kv, const T* __restrict__ bias, const float* __restrict__ knorm,
+                                   float knorm_eps, const float* __restrict__ cos_sin, const int64_t* __restrict__ pos,
+                                   T* __restrict__ k_out, T* __restrict__ v_out, int n, int layers, int heads, int hd,
+                                   int rd, bool neox) {
+  extern __shared__ float row[];                  // one head of K, in fp32
+  const int t = blockIdx.x, l = blockIdx.y;
+  const int kvw = 2 * heads * hd;
+  const T* src = kv + (size_t)t * layers * kvw + (size_t)l * kvw;
+  const T* bsrc = bias ? bias + (size_t)l * kvw : nullptr;
+  const float* cs = cos_sin + pos[t] * rd;
+  __shared__ float red[32];
+  for (int h = 0; h < heads; ++h) {
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+      float v = to_f(src[h * hd + i]);
+      if (bsrc) v = to_f(from_f<T>(v + to_f(bsrc[h * hd + i])));
+      row[i] = v;
+    }
+    __syncthreads();
+    if (knorm) {
+      float s = 0.f;
+      for (int i = threadIdx.x; i < hd; i += blockDim.x) s += row[i] * row[i];
+      s = warp_sum(s);
+      if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+      __syncthreads();
+      float tot = 0.f;
+      for (int q = 0; q < (blockDim.x + 31) / 32; ++q) tot += red[q];
+      float r = rsqrtf(tot / hd + knorm_eps);
+      __syncthreads();
+      for (int i = threadIdx.x; i < hd; i += blockDim.x) row[i] = to_f(from_f<T>(row[i] * r * knorm[l * hd + i]));
+      __syncthreads();
+    }
+    T* dst = k_out + (((size_t)l * n + t) * heads + h) * hd;
+    const int half = rd / 2;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+      float out = row[i];
+      if (i < rd) {
+        int p = neox ? (i < half ? i : i - half) : i / 2;
+        float c = cs[p], s = cs[half + p];
+        if (neox) out = i < half ? row[i] * c - row[i + half] * s : row[i] * c + row[i - half] * s;
+        else out = (i % 2 == 0) ? row[i] * c - row[i + 1] * s : row[i] * c + row[i - 1] * s;
+      }
+      dst[i] = from_f<T>(out);
+    }
+    __syncthreads();
+    T* vdst = v_out + (((size_t)l * n + t) * heads + h) * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+      float v = to_f(src[heads * hd + h * hd + i]);
+      if (bsrc) v += to_f(bsrc[heads * hd + h * hd + i]);
+      vdst[i] = from_f<T>(v);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> kv_project_cuda(const at::Tensor& x, const at::Tensor& w_stack,
+                                                   const std::optional<at::Tensor>& bias, double eps,
+                                                   const std::optional<at::Tensor>& k_norm, double k_norm_eps,
+                                                   const at::Tensor& cos_sin_cache, const at::Tensor& positions,
+                                                   int64_t num_layers, int64_t num_kv_heads, int64_t head_size,
+                                                   int64_t rotary_dim, bool neox) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int n = x.size(0);
+  auto xf = x.to(at::kFloat);
+  auto u = (xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps)).to(x.scalar_type());
+  auto kv = at::matmul(u, w_stack.to(x.scalar_type()).t()).contiguous();     // [N, L*2*H*hd]
+  auto k = at::empty({num_layers, n, num_kv_heads, head_size}, x.options());
+  auto v = at::empty_like(k);
+  if (n == 0) return {k, v};
+  auto b = bias.has_value() ? std::optional<at::Tensor>(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
+  auto kn = k_norm.has_value() ? std::optional<at::Tensor>(k_norm->to(at::kFloat).contiguous()) : std::nullopt;
+  auto cs = cos_sin_cache.to(at::kFloat).contiguous();
+  auto pos = positions.to(at::kLong).contiguous();
+  dim3 grid(n, num_layers);
+  int threads = std::min<int64_t>(std::max<int64_t>(32, head_size), 256);
+  threads = (threads + 31) / 32 * 32;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kv_project", [&] {
+    kv_epilogue_kernel<scalar_t><<<grid, threads, head_size * sizeof(float), c10::cuda::getCurrentCUDAStream()>>>(
+        kv.data_ptr<scalar_t>(), b ? b->data_ptr<scalar_t>() : nullptr, kn ? kn->data_ptr<float>() : nullptr,
+        (float)k_norm_eps, cs.data_ptr<float>(), pos.data_ptr<int64_t>(), k.data_ptr<scalar_t>(),
+        v.data_ptr<scalar_t>(), n, num_layers, num_kv_heads, head_size, rotary_dim, neox);
+  });
+  TIDE_CHECK_CUDA();
+  return {k, v};
+}
+
+// ----------------------------------------------------------------------------- paged cache write, all layers
+// One launch writes every layer: a small table holds each layer's K and V cache base pointers; all
+// layers' caches share shape and strides ([blocks, block_size, H, hd] views, any strides).
+template <typename T>
+__global__ void kv_cache_write_kernel(const T* __restrict__ k, const T* __restrict__ v, const int64_t* __restrict__ ptrs,
+                                      const int64_t* __restrict__ slots, int n, int layers, int heads, int hd,
+                                      int block_size, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
+  const int t = blockIdx.x, l = blockIdx.y;
+  const int64_t slot = slots[(size_t)l * n + t];
+  if (slot < 0) return;
+  const int64_t blk = slot / block_size, off = slot % block_size;
+  T* kc = reinterpret_cast<T*>(ptrs[l]);
+  T* vc = reinterpret_cast<T*>(ptrs[layers + l]);
+  const size_t src = ((size_t)l * n + t) * heads * hd;
+  for (int e = threadIdx.x; e < heads * hd; e += blockDim.x) {
+    int h = e / hd, i = e % hd;
+    int64_t o = blk * s0 + off * s1 + h * s2 + i * s3;
+    kc[o] = k[src + e];
+    vc[o] = v[src + e];
+  }
+}
+
+void kv_cache_write_cuda(const at::Tensor& k, const at::Tensor& v, at::TensorList k_caches, at::TensorList v_caches,
+                         const at::Tensor& slots) {
+  const c10::cuda::CUDAGuard guard(k.device());
+  const int layers = k.size(0), n = k.size(1), heads = k.size(2), hd = k.size(3);
+  TORCH_CHECK((int)k_caches.size() == layers && (int)v_caches.size() == layers, "tide::kv_cache_write: one cache per layer");
+  if (n == 0 || layers == 0) return;
+  auto ref = k_caches[0];
+  std::vector<int64_t> table(2 * layers);
+  for (int l = 0; l < layers; ++l) {
+    for (const auto& c : {k_caches[l], v_caches[l]})
+      TORCH_CHECK(c.sizes() == ref.sizes() && c.strides() == ref.strides() && c.scalar_type() == k.scalar_type(),
+                  "tide::kv_cache_write: every layer's K and V cache view must share shape, strides and dtype");
+    table[l] = reinterpret_cast<int64_t>(k_caches[l].data_ptr());
+    table[layers + l] = reinterpret_cast<int64_t>(v_caches[l].data_ptr());
+  }
+  auto ptrs = at::tensor(table, at::TensorOptions().dtype(at::kLong)).to(k.device(), /*non_blocking=*/true);
+  auto kk = k.contiguous(), vv = v.to(k.scalar_type()).contiguous();
+  auto sl = slots.to(at::kLong).contiguous();
+  dim3 grid(n, layers);
+  int threads = std::min(heads * hd, 256);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "kv_cache_write", [&] {
+    kv_cache_write_kernel<scalar_t><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        kk.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(), ptrs.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), n, layers,
+        heads, hd, ref.size(1), ref.stride(0), ref.stride(1), ref.stride(2), ref.stride(3));
+  });
+  TIDE_CHECK_CUDA();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tide, CUDA, m) {
+  m.impl("router_score", &router_score_cuda);
+  m.impl("compact", &compact_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
+  m.impl("kv_project", &kv_project_cuda);
+  m.impl("kv_cache_write", &kv_cache_write_cuda);
+}
