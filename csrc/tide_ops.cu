@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -110,13 +111,16 @@ std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const 
   dim3 grid((n + TOK - 1) / TOK);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_score", [&] {
-#define LAUNCH(BB)                                                                                            \
-  router_score_kernel<scalar_t, BB><<<grid, THREADS, 0, stream>>>(                                           \
-      x.data_ptr<scalar_t>(), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), B1.data_ptr<float>(), \
-      W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold, act.data_ptr<bool>(),                     \
-      score.data_ptr<float>(), ex.data_ptr<bool>(), n, d)
-    if (b == 64) LAUNCH(64); else if (b == 128) LAUNCH(128); else LAUNCH(256);
-#undef LAUNCH
+    auto launch = [&](auto bb) {
+      constexpr int BB = decltype(bb)::value;
+      router_score_kernel<scalar_t, BB><<<grid, THREADS, 0, stream>>>(
+          x.data_ptr<scalar_t>(), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), B1.data_ptr<float>(),
+          W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold, act.data_ptr<bool>(),
+          score.data_ptr<float>(), ex.data_ptr<bool>(), n, d);
+    };
+    if (b == 64) launch(std::integral_constant<int, 64>{});
+    else if (b == 128) launch(std::integral_constant<int, 128>{});
+    else launch(std::integral_constant<int, 256>{});
   });
   TIDE_CHECK_CUDA();
   return {score, ex};
@@ -288,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> kv_project_cuda(const at::Tensor& x, const at
 // ----------------------------------------------------------------------------- paged cache write, all layers
 // One launch writes every layer: a small table holds each layer's K and V cache base pointers; all
 // layers' caches share shape and strides ([blocks, block_size, H, hd] views, any strides).
-template <typename T>
+template <typename T, bool VEC>
 __global__ void kv_cache_write_kernel(const T* __restrict__ k, const T* __restrict__ v, const int64_t* __restrict__ ptrs,
                                       const int64_t* __restrict__ slots, int n, int layers, int heads, int hd,
                                       int block_size, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
@@ -299,11 +303,21 @@ __global__ void kv_cache_write_kernel(const T* __restrict__ k, const T* __restri
   T* kc = reinterpret_cast<T*>(ptrs[l]);
   T* vc = reinterpret_cast<T*>(ptrs[layers + l]);
   const size_t src = ((size_t)l * n + t) * heads * hd;
-  for (int e = threadIdx.x; e < heads * hd; e += blockDim.x) {
-    int h = e / hd, i = e % hd;
-    int64_t o = blk * s0 + off * s1 + h * s2 + i * s3;
-    kc[o] = k[src + e];
-    vc[o] = v[src + e];
+  if constexpr (VEC) {   // 16-byte moves: head_dim contiguous in the cache, everything 16-byte aligned
+    constexpr int W = 16 / sizeof(T);
+    for (int e = threadIdx.x * W; e < heads * hd; e += blockDim.x * W) {
+      int h = e / hd, i = e % hd;
+      int64_t o = blk * s0 + off * s1 + h * s2 + i;
+      *reinterpret_cast<uint4*>(kc + o) = *reinterpret_cast<const uint4*>(k + src + e);
+      *reinterpret_cast<uint4*>(vc + o) = *reinterpret_cast<const uint4*>(v + src + e);
+    }
+  } else {
+    for (int e = threadIdx.x; e < heads * hd; e += blockDim.x) {
+      int h = e / hd, i = e % hd;
+      int64_t o = blk * s0 + off * s1 + h * s2 + i * s3;
+      kc[o] = k[src + e];
+      vc[o] = v[src + e];
+    }
   }
 }
 
@@ -326,11 +340,17 @@ void kv_cache_write_cuda(const at::Tensor& k, const at::Tensor& v, at::TensorLis
   auto kk = k.contiguous(), vv = v.to(k.scalar_type()).contiguous();
   auto sl = slots.to(at::kLong).contiguous();
   dim3 grid(n, layers);
-  int threads = std::min(heads * hd, 256);
+  int threads = std::min(heads * hd, 128);
+  const int64_t w = 16 / k.element_size();
+  bool vec = ref.stride(3) == 1 && hd % w == 0 && ref.stride(0) % w == 0 && ref.stride(1) % w == 0 && ref.stride(2) % w == 0;
+  for (auto p : table) vec = vec && p % 16 == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "kv_cache_write", [&] {
-    kv_cache_write_kernel<scalar_t><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        kk.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(), ptrs.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), n, layers,
-        heads, hd, ref.size(1), ref.stride(0), ref.stride(1), ref.stride(2), ref.stride(3));
+    auto launch = [&](auto use_vec) {
+      kv_cache_write_kernel<scalar_t, decltype(use_vec)::value><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          kk.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(), ptrs.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), n, layers,
+          heads, hd, ref.size(1), ref.stride(0), ref.stride(1), ref.stride(2), ref.stride(3));
+    };
+    if (vec) launch(std::true_type{}); else launch(std::false_type{});
   });
   TIDE_CHECK_CUDA();
 }

@@ -187,7 +187,7 @@ def test_cuda_scatter_rows(dtype, n):
 @pytest.mark.parametrize("qwen", [False, True])
 @pytest.mark.parametrize("n", [1, 31, 33, 1025])
 def test_cuda_kv_fill(dtype, qwen, n):
-    L, d, heads, hd, blocks, bs = 4, 512, 8, 128, 64, 16
+    L, d, heads, hd, blocks, bs = 4, 512, 8, 128, 160, 16
     x = torch.randn(n, d).to(dtype)
     w = torch.randn(L * 2 * heads * hd, d) / d ** 0.5
     bias = torch.randn(L * 2 * heads * hd) if qwen else None
