@@ -23,7 +23,7 @@ def checkpoint_layers(num_layers: int, interval: int) -> list[int]:
     an "exit" after the last layer skips nothing."""
     if not 1 <= interval < num_layers:
         raise TideConfigError(f"The checkpoint interval must be between 1 and {num_layers - 1} for a "
-                              f"{num_layers}-layer model, got {interval}; pass e.g. --interval 4.")
+                              f"{num_layers}-layer model, got {interval}; pass an --interval in that range.")
     return list(range(interval - 1, num_layers - 1, interval))
 
 
