@@ -23,7 +23,7 @@ from . import ops
 from .checkpoint import RouterCheckpoint
 from .stats import ExitCounters
 
-logger = logging.getLogger("vllm_tide")
+logger = logging.getLogger("vllm.tide")
 
 
 class DecoderAdapter:

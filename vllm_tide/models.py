@@ -16,7 +16,7 @@ from .checkpoint import RouterCheckpoint
 from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from .settings import TideSettings
 
-logger = logging.getLogger("vllm_tide")
+logger = logging.getLogger("vllm.tide")
 
 
 def _tide_variant(base: type, adapter: DecoderAdapter) -> type:

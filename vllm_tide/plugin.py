@@ -11,7 +11,7 @@ import sys
 
 from .errors import TideConfigError
 
-logger = logging.getLogger("vllm_tide")
+logger = logging.getLogger("vllm.tide")
 
 SUPPORTED = {
     "LlamaForCausalLM": "TideLlamaForCausalLM",

@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 
-logger = logging.getLogger("vllm_tide.ops")
+logger = logging.getLogger("vllm.tide.ops")
 CALLS: collections.Counter = collections.Counter()
 
 _lib = torch.library.Library("tide", "DEF")
