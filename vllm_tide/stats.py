@@ -27,8 +27,8 @@ class ExitCounters:
 
 
 def _merge(snaps: list[dict]) -> dict:
-    """Sum counters over workers. Under tensor parallelism every rank sees the same tokens, so ranks
-    are not summed: the first rank's view is the model's."""
+    """One view for the model: under tensor parallelism every rank sees the same tokens and exits,
+    so the first rank's counters are taken rather than summed."""
     snaps = [s for s in snaps if s]
     return snaps[0] if snaps else {}
 
