@@ -21,6 +21,7 @@ import torch
 
 from . import ops
 from .checkpoint import RouterCheckpoint
+from .kv_cache import write_layers_kv
 from .stats import ExitCounters
 
 logger = logging.getLogger("vllm.tide")
@@ -172,7 +173,8 @@ class EarlyExitEngine:
         k = int(num_running.item())     # the one host sync per checkpoint: the layer loop branches on it
         if k == rows.numel():
             return h, residual, exit_layer, running
-        exited, order_exited = rows.index_select(0, order[k:]), order[k:]
+        order_exited = order[k:]
+        exited = rows.index_select(0, order_exited)
         if exit_layer is None:
             exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
         exit_layer[exited] = layer
@@ -195,7 +197,6 @@ class EarlyExitEngine:
 
     def _fill_kv(self, model, frozen: torch.Tensor, positions: torch.Tensor, start: int) -> None:
         """Every token has exited: write layers start.. K/V from the frozen states, nothing else."""
-        from .kv_cache import write_layers_kv
         kv = self._kv
         count = len(model.layers) - start
         rows = slice(start * 2 * kv["kv_size"], None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..router import rms_norm
+
 
 def router_score(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w1: torch.Tensor, b1: torch.Tensor,
                  w2: torch.Tensor, b2: torch.Tensor, threshold: float, active: torch.Tensor):
@@ -16,10 +18,8 @@ def router_score(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w1: tor
     active: [N] bool. Returns (score [N] fp32, exit [N] bool = active & score > threshold).
     The comparison is strict, so threshold 1.0 never fires.
     """
-    xf = x.float()
-    z = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-    # the router input is what the model would see: the norm's output in the model's dtype
-    z = z.to(x.dtype).float()
+    # the router input is what the model would see: the final norm's output in the model's dtype
+    z = rms_norm(x, norm_weight, eps).float()
     hdn = torch.nn.functional.silu(z @ w1.t() + b1)
     score = torch.sigmoid(hdn @ w2 + b2)
     return score, active & (score > threshold)
@@ -78,9 +78,7 @@ def kv_project(x: torch.Tensor, w_stack: torch.Tensor, bias: torch.Tensor | None
     kv = kv.view(n, num_layers, 2, num_kv_heads, head_size).permute(2, 1, 0, 3, 4)   # [2, L, N, H, hd]
     k, v = kv[0], kv[1]
     if k_norm is not None:
-        kf = k.float()
-        kf = kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + k_norm_eps) * k_norm.float()[:, None, None, :]
-        k = kf.to(x.dtype)
+        k = rms_norm(k, k_norm[:, None, None, :], k_norm_eps)
     k = apply_rotary(k, cos_sin_cache.index_select(0, positions), rotary_dim, neox)
     return k.contiguous(), v.contiguous()
 
