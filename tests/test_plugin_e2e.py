@@ -217,7 +217,15 @@ def test_bad_inputs_fail_at_start_up_with_one_line(tmp_path, tiny_models):
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "num_hidden_layers": 2,
                                                   "hidden_size": 8, "vocab_size": 10}))
+    quant = tmp_path / "quantized"
+    quant.mkdir()
+    cfg = json.load(open(os.path.join(DEFAULT_MODEL, "config.json")))
+    (quant / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(TideConfigError, match="fp8 KV cache") as e:
+        make_llm(DEFAULT_MODEL, {"router": good}, kv_cache_dtype="fp8")
+    assert "\n" not in str(e.value)
     cases = [(DEFAULT_MODEL, {"router": other}, "calibrated for a model with"),
+             (str(quant), {"router": good}, "quantized weights"),
              (DEFAULT_MODEL, {"router": str(tmp_path / "missing.safetensors")}, "does not exist"),
              (DEFAULT_MODEL, {"router": str(corrupt)}, "truncated or corrupt"),
              (DEFAULT_MODEL, {"router": good, "threshold": 1.5}, "threshold must be"),
