@@ -171,20 +171,23 @@ def test_mixed_exits_with_affine_projection(tmp_path):
 
 
 def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
+    """With a 32-token budget the short prompt decodes while the long one is still prefilling (mixed
+    prefill/decode steps), the long one is chunked, and the second pass reuses cached prefix blocks."""
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=5)
     tide = {"router": router, "threshold": 0.5, "min_layer": 0}
-    long_prompt = " ".join(PROMPTS) * 3
-    one_shot = with_engine(DEFAULT_MODEL, tide, lambda llm: greedy(llm, [long_prompt], 8, logprobs=0)[0].outputs[0])
+    prompts = [PROMPTS[0], " ".join(PROMPTS) * 3]
+    one_shot = with_engine(DEFAULT_MODEL, tide, lambda llm: [o.outputs[0] for o in greedy(llm, prompts, 8, logprobs=0)])
 
     def check(llm):
-        for _ in range(2):   # the second run reuses the first one's cached prefix blocks
-            out = greedy(llm, [long_prompt], 8, logprobs=0)[0].outputs[0]
-            assert list(out.token_ids) == list(one_shot.token_ids)
-            for a, b in zip(out.logprobs, one_shot.logprobs):
-                (ta, la), = a.items()
-                (tb, lb), = b.items()
-                assert ta == tb and abs(la.logprob - lb.logprob) < 1e-3
+        for _ in range(2):
+            for out, want in zip(greedy(llm, prompts, 8, logprobs=0), one_shot):
+                out = out.outputs[0]
+                assert list(out.token_ids) == list(want.token_ids)
+                for a, b in zip(out.logprobs, want.logprobs):
+                    (ta, la), = a.items()
+                    (tb, lb), = b.items()
+                    assert ta == tb and abs(la.logprob - lb.logprob) < 1e-3
     with_engine(DEFAULT_MODEL, tide, check, enable_chunked_prefill=True, max_num_batched_tokens=32,
                 enable_prefix_caching=True)
 
