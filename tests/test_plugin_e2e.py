@@ -116,7 +116,11 @@ def test_all_tokens_exit_at_one_checkpoint(tmp_path):
     ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
 
     def check(llm):
+        assert exit_stats(llm)["tokens"] == 0      # vLLM's profile and warm-up runs are not counted
+        greedy(llm, PROMPTS[:1], 2)
+        assert exit_stats(llm)["tokens"] > 0
         reset_exit_stats(llm)
+        assert exit_stats(llm)["tokens"] == 0
         ops.CALLS.clear()
         check_against_reference(llm, ref, PROMPTS[:2], 8)
         stats = exit_stats(llm)
