@@ -1,0 +1,156 @@
+"""TIDE quality against stock vLLM on held-out text and in generation, across exit thresholds.
+
+    python benchmarks/quality.py --router outputs/router.safetensors --split test
+
+Teacher-forced, through vLLM's prompt_logprobs (so prefill exits and propagated K/V are measured):
+top-1 agreement with stock at every position and the perplexity ratio TIDE/stock. In generation:
+greedy continuations of GSM8K questions, the fraction identical to stock and the mean position of the
+first differing token. Stock runs in its own process with the plugin unloaded; each threshold runs
+in a fresh process too. Pick settings on --split dev, report them on --split test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gsm8k_prompts(n: int) -> list[str]:
+    path = os.path.join(ROOT, "data", "gsm8k", "test.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f][:n]
+    return [f"Question: {r['question']}\nAnswer:" for r in rows]
+
+
+def evaluate(args) -> dict:
+    """Run inside a worker: teacher-forced logprobs over the split, then greedy generations."""
+    from vllm import LLM, SamplingParams
+    from vllm_tide.corpus import split_texts
+    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.chunk + 8,
+              block_size=32, seed=0, enable_prefix_caching=False)
+    if args.worker_threshold is not None:
+        tide = {"router": args.router, "threshold": args.worker_threshold}
+        if args.min_layer is not None:
+            tide["min_layer"] = args.min_layer
+        kw["additional_config"] = {"tide": tide}
+    llm = LLM(**kw)
+    tok = llm.get_tokenizer()
+    ids = tok("\n\n".join(split_texts(args.split)), add_special_tokens=False)["input_ids"][: args.tokens]
+    chunks = [{"prompt_token_ids": ids[s:s + args.chunk]} for s in range(0, len(ids), args.chunk)]
+    if args.worker_threshold is not None:
+        from vllm_tide import reset_exit_stats
+        reset_exit_stats(llm)
+    outs = llm.generate(chunks, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    logprob, top1 = [], []
+    for chunk, o in zip(chunks, outs):
+        for pos, entry in enumerate(o.prompt_logprobs[1:], start=1):
+            logprob.append(entry[chunk["prompt_token_ids"][pos]].logprob)
+            top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
+    result = {"logprob": logprob, "top1": top1}
+    if args.worker_threshold is not None:
+        from vllm_tide import exit_stats
+        result["text_stats"] = exit_stats(llm)
+        reset_exit_stats(llm)
+    gen = llm.generate(gsm8k_prompts(args.gen_prompts), SamplingParams(temperature=0, max_tokens=args.gen_tokens),
+                       use_tqdm=False)
+    result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
+    if args.worker_threshold is not None:
+        result["gen_stats"] = exit_stats(llm)
+    return result
+
+
+def run_worker(args, threshold: float | None) -> dict:
+    env = dict(os.environ)
+    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--router", args.router, "--split", args.split,
+           "--tokens", str(args.tokens), "--chunk", str(args.chunk), "--dtype", args.dtype,
+           "--gen-prompts", str(args.gen_prompts), "--gen-tokens", str(args.gen_tokens)]
+    if threshold is None:
+        env["VLLM_PLUGINS"] = "none-stock"
+    else:
+        cmd += ["--worker-threshold", str(threshold)]
+    if args.min_layer is not None:
+        cmd += ["--min-layer", str(args.min_layer)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.split("JSON", 1)[1])
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def compare(stock: dict, tide: dict) -> dict:
+    n = len(stock["top1"])
+    agree = sum(a == b for a, b in zip(stock["top1"], tide["top1"])) / n
+    ppl = lambda lps: math.exp(-sum(lps) / len(lps))  # noqa: E731
+    gens = list(zip(stock["generations"], tide["generations"]))
+    t, g = tide["text_stats"], tide["gen_stats"]
+    return {"top1_agreement": agree, "ppl_stock": ppl(stock["logprob"]), "ppl_tide": ppl(tide["logprob"]),
+            "ppl_ratio": ppl(tide["logprob"]) / ppl(stock["logprob"]),
+            "gen_exact_match": sum(a == b for a, b in gens) / len(gens),
+            "gen_mean_first_divergence": sum(first_divergence(a, b) for a, b in gens) / len(gens),
+            "text_skipped_layer_fraction": t["skipped_layer_fraction"],
+            "text_partial_layer_fraction": t["partial_layer_fraction"],
+            "text_exits_per_layer": t["exits_per_layer"],
+            "gen_skipped_layer_fraction": g["skipped_layer_fraction"],
+            "gen_partial_layer_fraction": g["partial_layer_fraction"],
+            "gen_exits_per_layer": g["exits_per_layer"], "tokens": n}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p.add_argument("--router", default="outputs/router.safetensors")
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
+    p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--gen-prompts", type=int, default=100)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-threshold", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("JSON" + json.dumps(evaluate(args)))
+        return
+    t0 = time.time()
+    stock = run_worker(args, None)
+    rows = []
+    print(f"{args.split} split, {len(stock['top1'])} teacher-forced tokens, {args.gen_prompts} GSM8K prompts "
+          f"x {args.gen_tokens} tokens; router {args.router}")
+    print(f"{'threshold':>9} {'top1 agr':>8} {'ppl ratio':>9} {'gen exact':>9} {'1st diff':>8} "
+          f"{'skip(text)':>10} {'part(text)':>10} {'skip(gen)':>9} {'part(gen)':>9}")
+    for th in args.thresholds:
+        r = {"threshold": th, **compare(stock, run_worker(args, th))}
+        rows.append(r)
+        print(f"{th:>9} {r['top1_agreement']:>8.4f} {r['ppl_ratio']:>9.4f} {r['gen_exact_match']:>9.2f} "
+              f"{r['gen_mean_first_divergence']:>8.1f} {r['text_skipped_layer_fraction']:>10.4f} "
+              f"{r['text_partial_layer_fraction']:>10.4f} {r['gen_skipped_layer_fraction']:>9.4f} "
+              f"{r['gen_partial_layer_fraction']:>9.4f}", flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"split": args.split, "model": args.model, "router": args.router, "min_layer": args.min_layer,
+                       "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
+                      f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
