@@ -9,7 +9,8 @@ import torch
 
 from vllm_tide.checkpoint import RouterCheckpoint, checkpoint_layers
 from vllm_tide.fingerprint import model_identity
-from vllm_tide.router import Router, router_input
+from vllm_tide.projection import ExitProjection
+from vllm_tide.simulate import ExitSimulator
 
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -60,10 +61,17 @@ def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interva
             w2[0, 0] = 4.0
             b2 = torch.tensor([-1.0])
         routers[c] = {"down.weight": w1, "down.bias": b1, "up.weight": w2, "up.bias": b2}
+        temperature = 0.7 + 0.1 * c / ident.num_layers      # a different one per checkpoint
         if projection == "affine":
-            projections[c] = {"weight": torch.eye(d) + torch.randn(d, d, generator=g) * 0.02,
-                              "bias": torch.randn(d, generator=g) * 0.02}
-    ckpt = RouterCheckpoint(model=ident, layers=layers, bottleneck=b, routers=routers, projection=projection,
+            projections[c] = ExitProjection(weight=torch.eye(d) + torch.randn(d, d, generator=g) * 0.02,
+                                            bias=torch.randn(d, generator=g) * 0.02, temperature=temperature)
+        elif projection == "lowrank":
+            projections[c] = ExitProjection(u=torch.randn(d, 4, generator=g) * 0.05, v=torch.randn(4, d, generator=g) * 0.05,
+                                            bias=torch.randn(d, generator=g) * 0.02, temperature=temperature)
+        elif projection == "temperature":
+            projections[c] = ExitProjection(temperature=temperature)
+    kind = "affine" if projection == "lowrank" else projection
+    ckpt = RouterCheckpoint(model=ident, layers=layers, bottleneck=b, routers=routers, projection=kind,
                             projections=projections, corpus="synthetic", tokens=0,
                             suggested_threshold=threshold, suggested_min_layer=min_layer)
     ckpt.save(path)
@@ -71,61 +79,18 @@ def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interva
 
 
 class Reference:
-    """The TIDE spec, directly on HF transformers, recomputing the whole sequence each time.
-
-    A token exits at the first checkpoint >= min_layer whose router scores > threshold on
-    final_norm(its residual stream); from then on its residual stream is frozen (so deeper layers'
-    K/V for it come from the frozen state through each layer's own norm and projections) and its
-    output is final_norm(frozen) -> exit projection -> LM head.
-    """
+    """The TIDE spec on HF transformers (vllm_tide.simulate, which shares no code with the plugin's
+    vLLM path), recomputing the whole sequence each time, plus direct per-layer K for cache checks."""
 
     def __init__(self, model_dir: str, ckpt: RouterCheckpoint, threshold: float, min_layer: int):
         from transformers import AutoModelForCausalLM
         self.hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.ckpt, self.threshold, self.min_layer = ckpt, threshold, min_layer
-        self.routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers if c >= min_layer}
+        self.sim = ExitSimulator.from_checkpoint(self.hf, ckpt, threshold, min_layer)
 
-    @torch.no_grad()
     def run(self, ids: list[int]):
-        """(logits [T, V], exit layer per token [-1: none], frozen states {layer: [T, D]})."""
-        hf = self.hf
-        norm = hf.model.norm
-        t = len(ids)
-        exit_at = torch.full((t,), -1)
-        frozen = torch.zeros(t, hf.config.hidden_size)
-        inputs = {}
-
-        def hook(li):
-            def fn(_m, _inp, out):
-                h = out[0] if isinstance(out, tuple) else out
-                h = h.clone()
-                done = exit_at >= 0
-                h[0, done] = frozen[done]
-                if li in self.routers:
-                    z = router_input(h[0], norm.weight, norm.variance_epsilon)
-                    new = (self.routers[li](z) > self.threshold) & ~done
-                    frozen[new] = h[0, new]
-                    exit_at[new] = li
-                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-            return fn
-
-        def pre_hook(li):
-            def fn(_m, args, kwargs):
-                inputs[li] = (args[0] if args else kwargs["hidden_states"])[0].clone()
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(hf.model.layers)]
-        handles += [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
-                    for i, layer in enumerate(hf.model.layers)]
-        try:
-            hidden = hf.model(torch.tensor([ids])).last_hidden_state[0]
-        finally:
-            for h in handles:
-                h.remove()
-        for c, p in self.ckpt.projections.items():
-            rows = exit_at == c
-            hidden[rows] = torch.nn.functional.linear(hidden[rows], p["weight"], p["bias"])
-        return hf.lm_head(hidden), exit_at, inputs
+        """(logits [T, V], exit layer per token [-1: none], layer inputs {layer: [T, D]})."""
+        return self.sim.run(ids, capture_inputs=True)
 
     @torch.no_grad()
     def layer_key(self, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:

@@ -6,9 +6,11 @@ import torch
 
 from conftest import DEFAULT_MODEL
 from helpers import make_tiny_model
-from vllm_tide.calibrate import CalibrationConfig, auc, calibrate, cosine_labels, top1_labels
+from vllm_tide.calibrate import (CalibrationConfig, States, auc, calibrate, cosine_labels, exit_metrics, kl_labels,
+                                 top1_labels)
 from vllm_tide.checkpoint import RouterCheckpoint
 from vllm_tide.errors import TideConfigError
+from vllm_tide.projection import ExitProjection, fit_affine, fit_temperature
 
 needs_tokenizer = pytest.mark.skipif(not os.path.isdir(DEFAULT_MODEL), reason="needs the default model's tokenizer (make setup)")
 
@@ -24,19 +26,98 @@ def corpus(tmp_path):
 
 
 @needs_tokenizer
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_calibration_end_to_end(tmp_path, family):
+@pytest.mark.parametrize("family,criterion,projection", [("llama", "top1", "identity"), ("qwen2", "kl", "temperature"),
+                                                         ("qwen3", "cosine", "affine")])
+def test_calibration_end_to_end(tmp_path, family, criterion, projection):
+    from vllm_tide.simulate import ExitSimulator
+    from transformers import AutoModelForCausalLM
     model = make_tiny_model(family, str(tmp_path / "m"), DEFAULT_MODEL, num_layers=6)
     out = str(tmp_path / "r.safetensors")
+    # loose targets so that the propagated search finds a point that exits on a random tiny model
     ckpt = calibrate(CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000,
-                                       seq_len=128, interval=2, epochs=2, dtype="float32",
-                                       exit_projection="affine" if family == "qwen3" else "identity"))
+                                       seq_len=128, interval=2, epochs=2, dtype="float32", criterion=criterion,
+                                       exit_projection=projection, kl_bound=2.0, target_agreement=0.5,
+                                       max_ppl_increase=10.0, select_tokens=256))
     back = RouterCheckpoint.load(out)
     assert back.layers == [1, 3] and 5 not in back.layers          # never the final layer
     assert back.tokens == ckpt.tokens >= 2500
-    assert 0 < back.suggested_threshold <= 1.0 and back.suggested_min_layer in (1, 3)
+    assert back.projection == projection and back.criterion == criterion
+    assert sorted(back.projections) == ([] if projection == "identity" else [1, 3])
     rows = back.extra["validation"]
     assert [r["layer"] for r in rows] == [1, 3] and all(0 <= r["positive_rate"] <= 1 for r in rows)
+    # the suggestion is the propagated measurement's, and re-simulating it independently reproduces it
+    chosen = back.extra["propagated"]
+    assert chosen is not None and (chosen["threshold"], chosen["min_layer"]) == \
+        (back.suggested_threshold, back.suggested_min_layer)
+    assert chosen["top1_agreement"] >= 0.5 and chosen["ppl_ratio"] <= 11.0
+    assert len(back.extra["propagated_evaluations"]) >= 2
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    sim = ExitSimulator.from_checkpoint(hf, back, back.suggested_threshold, back.suggested_min_layer)
+    logits, exit_at, _ = sim.run(list(range(100, 228)))
+    assert logits.shape == (128, 49152) and torch.isfinite(logits).all()
+    assert set(exit_at.tolist()) <= {-1, 1, 3} and all(e < 0 or e >= back.suggested_min_layer for e in exit_at.tolist())
+
+
+def _states(z: dict, final, top1, target):
+    return States(z=z, final=final, top1=top1, target=target)
+
+
+def test_kl_labels_and_metrics_match_independent_computation():
+    """KL(final || exit), the exit top-1 and next-token NLLs, per token and checkpoint, computed
+    independently with plain softmax sums; kl labels = KL below the bound and the same top-1."""
+    g = torch.Generator().manual_seed(2)
+    n, d, v = 150, 12, 40
+    final = torch.randn(n, d, generator=g)
+    z = {1: final + 0.3 * torch.randn(n, d, generator=g), 3: final + 0.05 * torch.randn(n, d, generator=g)}
+    w = torch.randn(v, d, generator=g)
+    top1 = (final @ w.T).argmax(-1)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[-1] = -1
+    projs = {1: ExitProjection(temperature=1.7), 3: None}
+    m = exit_metrics(_states(z, final, top1, target), projs, w, with_kl=True, chunk=37)
+    for c, scale in ((1, 1 / 1.7), (3, 1.0)):
+        for i in range(0, n, 7):
+            p = torch.softmax(final[i] @ w.T, -1).double()
+            q = torch.softmax((z[c][i] @ w.T) * scale, -1).double()
+            assert m[c].kl[i].item() == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-4, abs=1e-6)
+            assert bool(m[c].agree[i]) == (int((z[c][i] @ w.T).argmax()) == int(top1[i]))
+            if target[i] >= 0:
+                assert m[c].nll_exit[i].item() == pytest.approx(-float(q[target[i]].log()), rel=1e-4)
+                assert m[c].nll_final[i].item() == pytest.approx(-float(p[target[i]].log()), rel=1e-4)
+        assert torch.isnan(m[c].nll_exit[-1])
+        labels = kl_labels(m[c], 0.05)
+        assert torch.equal(labels, (m[c].kl < 0.05) & m[c].agree)
+    assert kl_labels(m[3], 0.05).float().mean() > kl_labels(m[1], 0.05).float().mean()   # closer state, more exits
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 60, generator=g) * 3
+    final_logp = torch.log_softmax(logits / 2.5, -1)        # the final distribution is the exit's at T=2.5
+    assert fit_temperature(logits, final_logp) == pytest.approx(2.5, rel=1e-3)
+    # against a brute-force grid on a noisy problem
+    final_logp = torch.log_softmax(logits / 1.8 + 0.5 * torch.randn(300, 60, generator=g), -1)
+    grid = torch.linspace(0.5, 4.0, 701)
+    p = final_logp.exp()
+    kls = [(p * (final_logp - torch.log_softmax(logits / t, -1))).sum(-1).mean().item() for t in grid]
+    best = float(grid[int(torch.tensor(kls).argmin())])
+    assert fit_temperature(logits, final_logp) == pytest.approx(best, abs=0.01)
+
+
+def test_fit_affine_recovers_a_known_map_full_and_low_rank():
+    g = torch.Generator().manual_seed(4)
+    n, d = 2000, 16
+    z = torch.randn(n, d, generator=g)
+    u, v = torch.randn(d, 2, generator=g), torch.randn(2, d, generator=g)
+    a = torch.eye(d) + u @ v
+    b = torch.randn(d, generator=g)
+    target = z @ a.T + b
+    full = fit_affine(z, target, ridge=1e-6)
+    assert torch.allclose(full.weight, a, atol=1e-4) and torch.allclose(full.bias, b, atol=1e-4)
+    low = fit_affine(z, target, ridge=1e-6, rank=2)
+    assert low.weight is None and low.u.shape == (d, 2) and low.v.shape == (2, d)
+    assert torch.allclose(low.apply(z), target, atol=1e-3)
+    assert torch.allclose(full.apply(z), target, atol=1e-3)
 
 
 def test_labels_match_independent_computation():
@@ -49,7 +130,7 @@ def test_labels_match_independent_computation():
     final_top1 = (final @ w.T).argmax(-1)
     want = torch.tensor([int(torch.argmax(w @ z[i])) == int(final_top1[i]) for i in range(n)])
     assert torch.equal(top1_labels(z, None, w, final_top1, chunk=33), want)
-    proj = {"weight": torch.eye(d) * 2, "bias": torch.zeros(d)}
+    proj = ExitProjection(weight=torch.eye(d) * 2, bias=torch.zeros(d))
     assert torch.equal(top1_labels(z, proj, w, final_top1), want)        # argmax is scale-invariant
     cos = torch.tensor([float(z[i] @ final[i] / (z[i].norm() * final[i].norm())) for i in range(n)])
     assert torch.equal(cosine_labels(z, None, final, 0.98), cos > 0.98)

@@ -8,6 +8,7 @@ import torch
 from vllm_tide.checkpoint import RouterCheckpoint, check_threshold, checkpoint_layers
 from vllm_tide.errors import TideConfigError
 from vllm_tide.fingerprint import ModelIdentity, model_identity
+from vllm_tide.projection import ExitProjection
 from vllm_tide.settings import TideSettings
 
 
@@ -15,16 +16,27 @@ def make_ckpt(d=16, b=4, layers=(3, 7), num_layers=12, projection="identity", fi
     g = torch.Generator().manual_seed(0)
     routers = {c: {"down.weight": torch.randn(b, d, generator=g), "down.bias": torch.randn(b, generator=g),
                    "up.weight": torch.randn(1, b, generator=g), "up.bias": torch.randn(1, generator=g)} for c in layers}
-    projections = {c: {"weight": torch.randn(d, d, generator=g), "bias": torch.randn(d, generator=g)}
-                   for c in layers} if projection == "affine" else {}
+    def proj():
+        temp = 0.5 + torch.rand(1, generator=g).item()
+        if projection == "temperature":
+            return ExitProjection(temperature=temp)
+        if projection == "affine":
+            return ExitProjection(weight=torch.randn(d, d, generator=g), bias=torch.randn(d, generator=g),
+                                  temperature=temp)
+        return ExitProjection(u=torch.randn(d, 3, generator=g), v=torch.randn(3, d, generator=g),
+                              bias=torch.randn(d, generator=g), temperature=temp)      # low-rank affine
+    kind = "affine" if projection == "lowrank" else projection
+    projections = {c: proj() for c in layers} if projection != "identity" else {}
     return RouterCheckpoint(model=ModelIdentity("LlamaForCausalLM", num_layers, d, 100, fingerprint), layers=list(layers),
-                            bottleneck=b, routers=routers, projection=projection, projections=projections,
+                            bottleneck=b, routers=routers, projection=kind, projections=projections,
                             corpus="unit", tokens=123, suggested_threshold=0.875, suggested_min_layer=7,
                             extra={"note": "x"})
 
 
-@pytest.mark.parametrize("projection", ["identity", "affine"])
+@pytest.mark.parametrize("projection", ["identity", "temperature", "affine", "lowrank"])
 def test_round_trip_is_exact(tmp_path, projection):
+    """Routers and exit projections come back bit for bit, so loaded projections reproduce the
+    calibration-time exit logits exactly."""
     ckpt = make_ckpt(projection=projection)
     path = str(tmp_path / "r.safetensors")
     ckpt.save(path)
@@ -35,8 +47,15 @@ def test_round_trip_is_exact(tmp_path, projection):
     for c in ckpt.layers:
         for k, v in ckpt.routers[c].items():
             assert torch.equal(back.routers[c][k], v)
-        for k, v in ckpt.projections.get(c, {}).items():
-            assert torch.equal(back.projections[c][k], v)
+        if projection == "identity":
+            assert back.projections == {}
+            continue
+        h = torch.randn(5, 16, generator=torch.Generator().manual_seed(c))
+        lm_head = torch.randn(100, 16, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(back.projections[c].apply(h) @ lm_head.T, ckpt.projections[c].apply(h) @ lm_head.T)
+        assert back.projections[c].temperature == pytest.approx(ckpt.projections[c].temperature, rel=1e-7)
+        for k, v in ckpt.projections[c].tensors().items():
+            assert torch.equal(back.projections[c].tensors()[k], v)
 
 
 def test_default_model_router_is_small(tmp_path):

@@ -1,9 +1,13 @@
 """Post-training router calibration on plain text (HF transformers, frozen model).
 
-One streamed pass collects, for every calibration token, the router input at each checkpoint and
-the full model's final state and top-1; labels, optional exit projections and the routers are then
-fitted from those stored states. Labels are computed from exactly what the plugin will see at
-inference: the router input, projected by the checkpoint's exit projection, through the LM head.
+1. One streamed pass collects, for every calibration token, the router input at each checkpoint and
+   the full model's final state and top-1.
+2. Each checkpoint's exit projection is fitted to the full model's output distribution (temperature
+   by KL; affine by least squares, then a temperature by KL).
+3. Labels come from exactly what the plugin computes at inference: router input -> exit projection
+   -> LM head, compared with the full model (top-1, cosine, or KL + top-1). Routers are trained on them.
+4. The operating point (threshold, minimum exit depth) is chosen on held-out validation text by
+   simulating the exits with K/V propagation (vllm_tide.simulate), not post hoc.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ from tqdm import tqdm
 from .checkpoint import CRITERIA, PROJECTIONS, RouterCheckpoint, checkpoint_layers
 from .errors import TideConfigError
 from .fingerprint import model_identity
+from .projection import ExitProjection, fit_affine, fit_temperature
 from .router import Router, router_input
+from .simulate import ExitSimulator
 
 THRESHOLD_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+TEMPERATURE_SAMPLE = 2048     # tokens per checkpoint for the temperature fit (one scalar)
 
 
 @dataclass
@@ -39,9 +46,13 @@ class CalibrationConfig:
     bottleneck: int = 128
     epochs: int = 4
     cosine_threshold: float = 0.98
+    kl_bound: float = 0.1        # nats; "kl" labels: KL(final || exit) below this and the same top-1
     ridge: float = 1e-2
+    affine_rank: int | None = None   # low-rank affine (W = I + UV) for large models
     target_agreement: float = 0.98
+    max_ppl_increase: float = 0.02
     min_layer: int | None = None  # None: chosen on the validation slice
+    select_tokens: int = 4096     # validation tokens for the propagated choice; 0: post-hoc choice only
     seed: int = 0
 
     def validate(self) -> None:
@@ -53,6 +64,12 @@ class CalibrationConfig:
             raise TideConfigError(f"--max-tokens must be at least 1000 to train routers, got {self.max_tokens}.")
         if not 0.5 <= self.target_agreement <= 1.0:
             raise TideConfigError(f"--target-agreement must be in [0.5, 1], got {self.target_agreement}.")
+        if not self.kl_bound > 0:
+            raise TideConfigError(f"--kl-bound must be a positive number of nats, got {self.kl_bound}.")
+        if not self.max_ppl_increase >= 0:
+            raise TideConfigError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}.")
+        if self.affine_rank is not None and self.affine_rank < 1:
+            raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,6 +120,7 @@ class States:
     z: dict[int, torch.Tensor]     # checkpoint -> router inputs [N, D]
     final: torch.Tensor            # final normed state, what the LM head sees [N, D]
     top1: torch.Tensor             # full model's top-1 [N]
+    target: torch.Tensor           # the next token in the text [N], -1 at the end of a sequence
 
 
 @torch.no_grad()
@@ -132,23 +150,80 @@ def collect_states(model, seqs: list[list[int]], layers: list[int], device: str,
     finally:
         for h in handles:
             h.remove()
-    return States({c: torch.cat(v) for c, v in z.items()}, torch.cat(finals), torch.cat(tops))
+    targets = torch.cat([torch.tensor(seq[1:] + [-1]) for seq in seqs])
+    return States({c: torch.cat(v) for c, v in z.items()}, torch.cat(finals), torch.cat(tops), targets)
 
 
 # ----------------------------------------------------------------------------- projections and labels
 
-def fit_affine(z: torch.Tensor, target: torch.Tensor, ridge: float) -> dict[str, torch.Tensor]:
-    """Least-squares map from the router input to the final normed state (tuned-lens style)."""
-    x = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], 1)
-    a = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
-    w = torch.linalg.solve(a, x.T @ target.double())          # [D+1, D]
-    return {"weight": w[:-1].T.float().contiguous(), "bias": w[-1].float().contiguous()}
+def apply_projection(z: torch.Tensor, proj: ExitProjection | None) -> torch.Tensor:
+    return z if proj is None else proj.apply(z).to(z.dtype)
 
 
-def apply_projection(z: torch.Tensor, proj: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    if proj is None:
-        return z
-    return torch.nn.functional.linear(z, proj["weight"].to(z.dtype), proj["bias"].to(z.dtype))
+def _sample(n: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+@torch.no_grad()
+def fit_projection(kind: str, z: torch.Tensor, states: "States", lm_w: torch.Tensor, ridge: float,
+                   rank: int | None, seed: int) -> ExitProjection | None:
+    """identity: None; temperature: T by KL; affine: least squares to the final state, then T by KL."""
+    if kind == "identity":
+        return None
+    proj = fit_affine(z.float(), states.final.float(), ridge, rank) if kind == "affine" else ExitProjection()
+    idx = _sample(len(z), TEMPERATURE_SAMPLE, seed)
+    w = lm_w.float()
+    final_logp = torch.log_softmax(states.final[idx].float() @ w.T, -1)
+    proj.temperature = fit_temperature(proj.apply(z[idx]) @ w.T, final_logp)
+    proj.__post_init__()
+    return proj
+
+
+@dataclass
+class ExitMetrics:
+    agree: torch.Tensor            # exit top-1 == full model top-1 [N]
+    kl: torch.Tensor | None        # KL(final || exit) [N] (when asked for)
+    nll_exit: torch.Tensor         # -log p_exit(next token) [N] (nan where there is no next token)
+    nll_final: torch.Tensor        # -log p_final(next token) [N]
+
+
+@torch.no_grad()
+def exit_metrics(states: "States", projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
+                 with_kl: bool, with_nll: bool = True, chunk: int = 4096) -> dict[int, ExitMetrics]:
+    """For every checkpoint and token, what exiting there would give: one chunked pass in which the
+    full model's distribution is computed once per chunk and compared with each checkpoint's exit."""
+    layers = sorted(projections)
+    parts = {c: [] for c in layers}
+    finals = []
+    w = lm_w
+    n = len(states.top1)
+    for s in range(0, n, chunk):
+        tgt = states.target[s:s + chunk]
+        has = tgt >= 0
+        safe = tgt.clamp(min=0)[:, None]
+        need_logp = with_kl or with_nll
+        if need_logp:
+            final_logp = torch.log_softmax((states.final[s:s + chunk].to(w.dtype) @ w.T).float(), -1)
+            final_p = final_logp.exp() if with_kl else None
+            finals.append(torch.where(has, -final_logp.gather(1, safe)[:, 0], torch.nan))
+        else:
+            finals.append(torch.full((len(tgt),), torch.nan))
+        for c in layers:
+            h = apply_projection(states.z[c][s:s + chunk].to(w.dtype), projections[c])
+            logits = h @ w.T
+            agree = logits.argmax(-1) == states.top1[s:s + chunk]
+            nll = kl = None
+            if need_logp:
+                lq = torch.log_softmax(logits.float(), -1)
+                nll = torch.where(has, -lq.gather(1, safe)[:, 0], torch.nan)
+                kl = (final_p * (final_logp - lq)).sum(-1) if with_kl else None
+            else:
+                nll = torch.full((len(tgt),), torch.nan)
+            parts[c].append((agree, kl, nll))
+    nll_final = torch.cat(finals)
+    return {c: ExitMetrics(torch.cat([p[0] for p in parts[c]]),
+                           torch.cat([p[1] for p in parts[c]]) if with_kl else None,
+                           torch.cat([p[2] for p in parts[c]]), nll_final) for c in layers}
 
 
 @torch.no_grad()
@@ -161,6 +236,11 @@ def top1_labels(z: torch.Tensor, proj, lm_head_weight: torch.Tensor, final_top1:
         h = apply_projection(z[s:s + chunk].to(w.dtype), proj)
         out.append((h @ w.T).argmax(-1) == final_top1[s:s + chunk])
     return torch.cat(out)
+
+
+def kl_labels(m: ExitMetrics, bound: float) -> torch.Tensor:
+    """Exit-safe: the distribution is kept (KL(final || exit) < bound) and so is the top-1."""
+    return (m.kl < bound) & m.agree
 
 
 @torch.no_grad()
@@ -221,35 +301,110 @@ def simulate_exits(scores: dict[int, torch.Tensor], threshold: float, min_layer:
     return exit_at
 
 
-def exit_summary(exit_at: torch.Tensor, correct: dict[int, torch.Tensor], num_layers: int) -> tuple[float, float]:
-    """(post-hoc top-1 agreement, fraction of token-layers skipped) for the given exits."""
+def exit_summary(exit_at: torch.Tensor, metrics: dict[int, ExitMetrics], num_layers: int) -> dict:
+    """Post hoc (logits taken at the exit, no propagation): top-1 agreement, perplexity ratio and the
+    fraction of token-layers after the exits, for the given exit layers."""
     wrong = torch.zeros(len(exit_at), dtype=torch.bool)
     skipped = torch.zeros(len(exit_at))
-    for c, ok in correct.items():
+    any_m = next(iter(metrics.values()))
+    dnll = torch.zeros(len(exit_at), dtype=torch.float64)
+    for c, m in metrics.items():
         sel = exit_at == c
-        wrong |= sel & ~ok
+        wrong |= sel & ~m.agree
         skipped[sel] = num_layers - 1 - c
-    return 1.0 - wrong.float().mean().item(), skipped.sum().item() / (len(exit_at) * num_layers)
+        dnll[sel] = (m.nll_exit[sel] - m.nll_final[sel]).double()
+    has = ~torch.isnan(any_m.nll_final)
+    return {"top1_agreement": 1.0 - wrong.float().mean().item(),
+            "ppl_ratio": math.exp(dnll[has].mean().item()) if has.any() else float("nan"),
+            "skipped_fraction": skipped.sum().item() / (len(exit_at) * num_layers)}
 
 
-def choose_operating_point(scores, correct, num_layers: int, target: float, min_layer: int | None):
-    """The (threshold, min_layer) with the most skipping whose post-hoc agreement meets the target."""
+def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None):
+    """The (threshold, min_layer) with the most skipping whose post-hoc fidelity meets the targets."""
     layers = sorted(scores)
-    candidates = [min_layer] if min_layer is not None else layers
     best = None
-    for m in candidates:
+    for m in ([min_layer] if min_layer is not None else layers):
         for t in THRESHOLD_GRID:
-            agree, skipped = exit_summary(simulate_exits(scores, t, m), correct, num_layers)
-            if agree >= target and (best is None or skipped > best[2]):
-                best = (t, m, skipped, agree)
-    if best is None:
-        return 1.0, (min_layer if min_layer is not None else layers[-1]), 0.0, 1.0
+            r = exit_summary(simulate_exits(scores, t, m), metrics, num_layers)
+            if r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl and \
+                    (best is None or r["skipped_fraction"] > best[2]["skipped_fraction"]):
+                best = (t, m, r)
+    return best
+
+
+class PropagatedEval:
+    """Fidelity of an operating point measured with K/V propagation on validation sequences, against
+    the full model computed the same way (so numerics cancel)."""
+
+    def __init__(self, model, seqs: list[list[int]], routers: dict[int, Router], projections: dict, num_layers: int):
+        self.model, self.seqs, self.routers, self.projections = model, seqs, routers, projections
+        self.num_layers = num_layers
+        self.base = self._run(ExitSimulator(model, {}, {}, 1.0, 0))[:2]
+        self.results: dict[tuple[float, int], dict] = {}
+
+    def _run(self, sim: ExitSimulator):
+        top1, nll, exits = [], [], []
+        for seq in self.seqs:
+            logits, exit_at, _ = sim.run(seq)
+            top1.append(logits.argmax(-1)[:-1])
+            nll.append(-torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0])
+            exits.append(exit_at[:-1])
+        return torch.cat(top1), torch.cat(nll).double(), torch.cat(exits)
+
+    def __call__(self, threshold: float, min_layer: int) -> dict:
+        key = (threshold, min_layer)
+        if key not in self.results:
+            top1, nll, exit_at = self._run(ExitSimulator(self.model, self.routers, self.projections, threshold, min_layer))
+            after = torch.where(exit_at >= 0, self.num_layers - 1 - exit_at, 0)
+            self.results[key] = {
+                "threshold": threshold, "min_layer": min_layer,
+                "top1_agreement": (top1 == self.base[0]).float().mean().item(),
+                "ppl_ratio": math.exp((nll - self.base[1]).mean().item()),
+                "skipped_fraction": after.sum().item() / (len(after) * self.num_layers)}
+        return self.results[key]
+
+
+def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float,
+                      min_layer: int | None) -> dict | None:
+    """For each minimum depth, the lowest threshold meeting the targets (fidelity rises with the
+    threshold, so a binary search over the grid); then the point with the most skipping."""
+    ok = lambda r: r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl  # noqa: E731
+    best = None
+    for m in ([min_layer] if min_layer is not None else layers):
+        lo, hi = 0, len(THRESHOLD_GRID) - 1
+        if not ok(evaluate(THRESHOLD_GRID[hi], m)):
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ok(evaluate(THRESHOLD_GRID[mid], m)):
+                hi = mid
+            else:
+                lo = mid + 1
+        r = evaluate(THRESHOLD_GRID[lo], m)
+        if best is None or r["skipped_fraction"] > best["skipped_fraction"]:
+            best = r
     return best
 
 
 # ----------------------------------------------------------------------------- driver
 
-def calibrate(cfg: CalibrationConfig) -> RouterCheckpoint:
+@dataclass
+class Collected:
+    """Everything calibration needs from the model, collected once (several variants can share it)."""
+    model: object
+    identity: object
+    num_layers: int
+    layers: list[int]
+    train: States
+    val: States
+    val_seqs: list[list[int]]
+    lm_w: torch.Tensor
+    corpus_name: str
+    dtype: torch.dtype
+    seconds: float
+
+
+def collect(cfg: CalibrationConfig) -> Collected:
     cfg.validate()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     t0 = time.time()
@@ -263,49 +418,100 @@ def calibrate(cfg: CalibrationConfig) -> RouterCheckpoint:
     layers = checkpoint_layers(num_layers, cfg.interval)
     if cfg.min_layer is not None and not 0 <= cfg.min_layer < num_layers:
         raise TideConfigError(f"--min-layer must be in 0..{num_layers - 1}, got {cfg.min_layer}.")
-
     train_seqs, val_seqs, corpus_name = load_sequences(tokenizer, cfg)
     train = collect_states(model, train_seqs, layers, cfg.device, "calibration pass")
     val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
     lm_w = model.get_output_embeddings().weight.detach().cpu()
+    return Collected(model, identity, num_layers, layers, train, val, val_seqs, lm_w, corpus_name, dtype,
+                     time.time() - t0)
 
-    routers, projections, report = {}, {}, []
-    val_scores, val_correct = {}, {}
-    for c in tqdm(layers, desc="labels + routers", unit="ckpt", file=sys.stderr):
-        proj = fit_affine(train.z[c].float(), train.final.float(), cfg.ridge) if cfg.exit_projection == "affine" else None
-        if proj is not None:
-            projections[c] = proj
+
+def _select_seqs(seqs: list[list[int]], tokens: int) -> list[list[int]]:
+    return [seq for seq in _spread(seqs, tokens) if len(seq) >= 2]
+
+
+def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> RouterCheckpoint:
+    cfg.validate()
+    t0 = time.time()
+    col = collected or collect(cfg)
+    train, val, lm_w, layers = col.train, col.val, col.lm_w, col.layers
+
+    projections = {c: fit_projection(cfg.exit_projection, train.z[c], train, lm_w, cfg.ridge, cfg.affine_rank,
+                                     cfg.seed + c)
+                   for c in tqdm(layers, desc="exit projections", unit="ckpt", file=sys.stderr)}
+    train_m = exit_metrics(train, projections, lm_w, with_kl=cfg.criterion == "kl", with_nll=False)
+    val_m = exit_metrics(val, projections, lm_w, with_kl=True)
+
+    routers, report, val_scores, router_mods = {}, [], {}, {}
+    for c in tqdm(layers, desc="routers", unit="ckpt", file=sys.stderr):
         if cfg.criterion == "top1":
-            y = top1_labels(train.z[c], proj, lm_w, train.top1)
-            y_val = top1_labels(val.z[c], proj, lm_w, val.top1)
+            y, y_val = train_m[c].agree, val_m[c].agree
+        elif cfg.criterion == "kl":
+            y, y_val = kl_labels(train_m[c], cfg.kl_bound), kl_labels(val_m[c], cfg.kl_bound)
         else:
-            y = cosine_labels(train.z[c], proj, train.final, cfg.cosine_threshold)
-            y_val = cosine_labels(val.z[c], proj, val.final, cfg.cosine_threshold)
+            y = cosine_labels(train.z[c], projections[c], train.final, cfg.cosine_threshold)
+            y_val = cosine_labels(val.z[c], projections[c], val.final, cfg.cosine_threshold)
         router = train_router(train.z[c], y, cfg.bottleneck, cfg.epochs, cfg.seed + c)
+        router_mods[c] = router
         routers[c] = {k: v.detach().clone() for k, v in router.state_dict().items()}
         with torch.no_grad():
             val_scores[c] = router(val.z[c].float())
-        # Agreement is always judged on top-1, whatever the label criterion.
-        val_correct[c] = y_val if cfg.criterion == "top1" else top1_labels(val.z[c], proj, lm_w, val.top1)
-        report.append({"layer": c, "positive_rate": y_val.float().mean().item(),
-                       "auc": auc(val_scores[c], y_val), "_labels": y_val})
+        kl = val_m[c].kl
+        report.append({"layer": c, "positive_rate": y_val.float().mean().item(), "auc": auc(val_scores[c], y_val),
+                       "exit_top1_agreement": val_m[c].agree.float().mean().item(),
+                       "exit_kl_median": kl.median().item(), "_labels": y_val})
 
-    threshold, min_layer, skipped, agree = choose_operating_point(
-        val_scores, val_correct, num_layers, cfg.target_agreement, cfg.min_layer)
+    # The operating point: with propagation on validation sequences (post hoc as a fallback).
+    post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
+                           cfg.min_layer)
+    propagated, evaluations = None, []
+    if cfg.select_tokens > 0:
+        evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
+                                  {c: p for c, p in projections.items() if p is not None}, col.num_layers)
+        with tqdm(desc="propagated choice", unit="point", file=sys.stderr) as bar:
+            inner = evaluate.__call__
+
+            def counted(t, m):
+                fresh = (t, m) not in evaluate.results
+                r = inner(t, m)
+                bar.update(int(fresh))
+                return r
+            propagated = choose_propagated(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer)
+        evaluations = list(evaluate.results.values())
+        chosen = propagated
+    else:
+        chosen = None if post is None else {"threshold": post[0], "min_layer": post[1], **post[2]}
+    if chosen is None:      # nothing meets the targets: exits stay off unless asked for
+        threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
+    else:
+        threshold, min_layer = chosen["threshold"], chosen["min_layer"]
+
     for row in report:
         y_val = row.pop("_labels")
-        fire = val_scores[row["layer"]] > threshold
+        c = row["layer"]
+        fire = val_scores[c] > threshold
         tp = (fire & y_val).sum().item()
         row["precision"] = tp / max(fire.sum().item(), 1)
         row["recall"] = tp / max(y_val.sum().item(), 1)
-    elapsed = time.time() - t0
+        # post hoc, as if only this checkpoint's router fired at the suggested threshold
+        only = torch.where(fire, c, -1)
+        r = exit_summary(only, {c: val_m[c]}, col.num_layers)
+        row["exit_rate"] = fire.float().mean().item()
+        row["post_hoc_top1_agreement"] = r["top1_agreement"]
+        row["post_hoc_ppl_ratio"] = r["ppl_ratio"]
+    overall = exit_summary(simulate_exits(val_scores, threshold, min_layer), val_m, col.num_layers)
     ckpt = RouterCheckpoint(
-        model=identity, layers=layers, bottleneck=cfg.bottleneck, routers=routers,
-        projection=cfg.exit_projection, projections=projections, criterion=cfg.criterion,
-        corpus=corpus_name, tokens=len(train.top1), suggested_threshold=threshold, suggested_min_layer=min_layer,
-        extra={"validation": report, "validation_tokens": len(val.top1), "estimated_skipped_fraction": skipped,
-               "estimated_top1_agreement": agree, "target_agreement": cfg.target_agreement,
-               "calibration_dtype": str(dtype).replace("torch.", ""), "seconds": round(elapsed, 1)})
+        model=col.identity, layers=layers, bottleneck=cfg.bottleneck, routers=routers,
+        projection=cfg.exit_projection, projections={c: p for c, p in projections.items() if p is not None},
+        criterion=cfg.criterion, corpus=col.corpus_name, tokens=len(train.top1), suggested_threshold=threshold,
+        suggested_min_layer=min_layer,
+        extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
+               "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
+               "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
+               "kl_bound": cfg.kl_bound if cfg.criterion == "kl" else None,
+               "temperatures": {str(c): p.temperature for c, p in projections.items() if p is not None},
+               "calibration_dtype": str(col.dtype).replace("torch.", ""),
+               "seconds": round(col.seconds + time.time() - t0, 1) if collected is None else round(time.time() - t0, 1)})
     ckpt.save(cfg.output)
     print_report(ckpt)
     return ckpt
@@ -315,13 +521,27 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     x = ckpt.extra
     print(f"\nTIDE calibration: {ckpt.tokens} tokens ({ckpt.corpus}), criterion={ckpt.criterion}, "
           f"exit projection={ckpt.projection}, {x['seconds']} s")
-    print(f"validation ({x['validation_tokens']} tokens), at the suggested threshold {ckpt.suggested_threshold}:")
-    print(f"{'layer':>5} {'pos.rate':>9} {'AUC':>6} {'precision':>9} {'recall':>7}")
+    print(f"validation ({x['validation_tokens']} tokens); exit rate, precision, recall and post-hoc fidelity "
+          f"at the suggested threshold {ckpt.suggested_threshold}:")
+    print(f"{'layer':>5} {'pos.rate':>8} {'AUC':>6} {'T':>6} {'exit':>6} {'prec.':>6} {'recall':>6} "
+          f"{'top1 agr':>8} {'ppl ratio':>9}")
+    temps = x.get("temperatures", {})
     for r in x["validation"]:
-        print(f"{r['layer']:>5} {r['positive_rate']:>9.3f} {r['auc']:>6.3f} {r['precision']:>9.3f} {r['recall']:>7.3f}")
-    print(f"suggested threshold {ckpt.suggested_threshold}, min layer {ckpt.suggested_min_layer}: post-hoc "
-          f"estimate {x['estimated_skipped_fraction']:.3f} of token-layers skipped at "
-          f"{x['estimated_top1_agreement']:.3f} top-1 agreement (target {x['target_agreement']})")
+        t = temps.get(str(r["layer"]))
+        print(f"{r['layer']:>5} {r['positive_rate']:>8.3f} {r['auc']:>6.3f} {'-' if t is None else f'{t:.3f}':>6} "
+              f"{r['exit_rate']:>6.3f} {r['precision']:>6.3f} {r['recall']:>6.3f} "
+              f"{r['post_hoc_top1_agreement']:>8.4f} {r['post_hoc_ppl_ratio']:>9.4f}")
+    ph, pr, tg = x["post_hoc"], x.get("propagated"), x["targets"]
+    print(f"suggested threshold {ckpt.suggested_threshold}, min layer {ckpt.suggested_min_layer} "
+          f"(targets: top-1 agreement >= {tg['top1_agreement']}, perplexity <= +{tg['max_ppl_increase']:.0%})")
+    print(f"  post hoc:   {ph['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
+          f"{ph['top1_agreement']:.4f}, perplexity ratio {ph['ppl_ratio']:.4f}")
+    if pr:
+        print(f"  propagated: {pr['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
+              f"{pr['top1_agreement']:.4f}, perplexity ratio {pr['ppl_ratio']:.4f}")
+    elif ckpt.suggested_threshold >= 1.0:
+        print("  no operating point met the targets: the suggested threshold 1.0 keeps exits off; "
+              "pass an explicit threshold to trade quality for speed")
 
 
 def parse_args(argv=None) -> CalibrationConfig:
@@ -338,8 +558,13 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--bottleneck", type=int, default=128)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--kl-bound", type=float, default=0.1, help="nats, for --criterion kl")
+    p.add_argument("--affine-rank", type=int, default=None, help="low-rank affine projection (large models)")
     p.add_argument("--target-agreement", type=float, default=0.98)
+    p.add_argument("--max-ppl-increase", type=float, default=0.02)
     p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--select-tokens", type=int, default=4096,
+                   help="validation tokens for the propagated choice of threshold and depth (0: post hoc)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     return CalibrationConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})

@@ -10,12 +10,13 @@ import torch
 
 from .errors import TideConfigError
 from .fingerprint import ModelIdentity
+from .projection import PROJECTIONS, ExitProjection
 from .router import ROUTER_INPUT
 
 FORMAT_NAME = "vllm-tide-router"
 FORMAT_VERSION = 1
-CRITERIA = ("top1", "cosine")
-PROJECTIONS = ("identity", "affine")
+CRITERIA = ("top1", "cosine", "kl")
+__all__ = ["CRITERIA", "PROJECTIONS", "RouterCheckpoint", "checkpoint_layers", "check_threshold"]
 
 
 def checkpoint_layers(num_layers: int, interval: int) -> list[int]:
@@ -41,7 +42,7 @@ class RouterCheckpoint:
     bottleneck: int
     routers: dict[int, dict[str, torch.Tensor]]       # layer -> {down.weight, down.bias, up.weight, up.bias}
     projection: str = "identity"
-    projections: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> {weight, bias}
+    projections: dict[int, ExitProjection] = field(default_factory=dict)   # empty for identity
     criterion: str = "top1"
     corpus: str = ""
     tokens: int = 0
@@ -55,8 +56,8 @@ class RouterCheckpoint:
         for layer, params in self.routers.items():
             for name, t in params.items():
                 tensors[f"router.{layer}.{name}"] = t.detach().float().contiguous().cpu()
-        for layer, params in self.projections.items():
-            for name, t in params.items():
+        for layer, proj in self.projections.items():
+            for name, t in proj.tensors().items():
                 tensors[f"projection.{layer}.{name}"] = t.detach().float().contiguous().cpu()
         meta = {
             "format": FORMAT_NAME,
@@ -106,15 +107,22 @@ class RouterCheckpoint:
             for layer in layers:
                 ckpt.routers[layer] = {n: tensors[f"router.{layer}.{n}"]
                                        for n in ("down.weight", "down.bias", "up.weight", "up.bias")}
+                prefix = f"projection.{layer}."
+                found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if ckpt.projection != "identity":
-                    ckpt.projections[layer] = {n: tensors[f"projection.{layer}.{n}"] for n in ("weight", "bias")}
-        except (KeyError, ValueError, TypeError) as e:
+                    if not found:
+                        raise KeyError(f"projection.{layer}")
+                    ckpt.projections[layer] = ExitProjection.from_tensors(found)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
             raise TideConfigError(f"The TIDE router file {path} has incomplete metadata or tensors "
                                   f"(missing {e}); recalibrate it with calibration/calibrate.py.") from None
         ckpt.validate_shapes(path)
         return ckpt
 
     def validate_shapes(self, path: str) -> None:
+        if self.projection not in PROJECTIONS:
+            raise TideConfigError(f"{path} uses exit projection {self.projection!r}, which this vllm-tide does not "
+                                  f"know (known: {', '.join(PROJECTIONS)}); upgrade vllm-tide or recalibrate.")
         d, b = self.model.hidden_size, self.bottleneck
         want = {"down.weight": (b, d), "down.bias": (b,), "up.weight": (1, b), "up.bias": (1,)}
         for layer in self.layers:
@@ -125,6 +133,10 @@ class RouterCheckpoint:
                 if tuple(self.routers[layer][n].shape) != shape:
                     raise TideConfigError(f"{path}: router {layer} {n} has shape {tuple(self.routers[layer][n].shape)}, "
                                           f"expected {shape}; the file is damaged, recalibrate it.")
+            problem = self.projections[layer].check(d) if layer in self.projections else None
+            if problem:
+                raise TideConfigError(f"{path}: the exit projection at layer {layer} is invalid ({problem}); "
+                                      f"the file is damaged, recalibrate it.")
 
     def check_model(self, model: ModelIdentity, path: str) -> None:
         """Refuse a router calibrated for another model, with one sentence."""

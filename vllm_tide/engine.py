@@ -21,6 +21,7 @@ import torch
 
 from . import ops
 from .checkpoint import RouterCheckpoint
+from .request_control import OFF
 from .kv_cache import write_layers_kv
 from .stats import ExitCounters
 
@@ -97,8 +98,11 @@ class EarlyExitEngine:
         self.layers = [c for c in ckpt.layers if c >= min_layer]
         self.counters = ExitCounters(self.layers, ckpt.model.num_layers)
         self._routers: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._proj: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._proj: dict = {}      # layer -> ExitProjection on the model's device
         self._kv: dict | None = None
+        # per-request thresholds of the current step, set by the model runner (request_control)
+        self.step_thresholds: torch.Tensor | None = None
+        self.step_min = threshold
 
     # ------------------------------------------------------------------ set-up after weights are loaded
     def prepare(self, lm) -> None:
@@ -109,8 +113,7 @@ class EarlyExitEngine:
             self._routers[c] = (r["down.weight"].float().to(dev), r["down.bias"].float().to(dev),
                                 r["up.weight"].float().reshape(-1).to(dev), r["up.bias"].float().reshape(1).to(dev))
             if c in self.ckpt.projections:
-                p = self.ckpt.projections[c]
-                self._proj[c] = (p["weight"].float().to(dev), p["bias"].float().to(dev))
+                self._proj[c] = self.ckpt.projections[c].to(dev)
         self._norm = (model.norm.weight.data, float(model.norm.variance_epsilon))
         attns = [layer.self_attn for layer in model.layers]
         a0 = attns[0]
@@ -144,6 +147,7 @@ class EarlyExitEngine:
         exit_layer = None          # [N] int64, -1 while running; None until the first exit
         running = None             # row indices still running; None means all
         num_layers = len(model.layers)
+        thresholds, routing = self._step_thresholds(n)
         for i, layer in enumerate(model.layers):
             if running is None:
                 h, residual = layer(positions, h, residual)
@@ -154,21 +158,34 @@ class EarlyExitEngine:
             else:
                 h, residual = self._partial_layer(layer, positions, h, residual, running)
                 self.counters.partial += n - running.numel()
-            if i in self._routers:
-                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running)
+            if routing and i in self._routers:
+                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds)
         out, _ = model.norm(h, residual)
         if exit_layer is not None:
             out = self._project_exits(out, exit_layer)
         return out
 
-    def _route(self, layer, h, residual, exit_layer, running):
+    def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
+        """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
+        thr = self.step_thresholds
+        if thr is None:
+            return None, True
+        if thr.numel() < n:        # padded rows never exit
+            thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
+        return thr[:n], self.step_min < OFF
+
+    def _route(self, layer, h, residual, exit_layer, running, thresholds=None):
         """Score the running rows at checkpoint ``layer``; freeze the ones that exit."""
         n = h.shape[0]
         rows = torch.arange(n, device=h.device) if running is None else running
         x = h.index_select(0, rows) + residual.index_select(0, rows)
         w1, b1, w2, b2 = self._routers[layer]
         active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
-        _, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.threshold, active)
+        if thresholds is None:
+            _, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.threshold, active)
+        else:   # mixed per-request thresholds: score at the lowest, then hold each row to its own
+            score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.step_min, active)
+            fire = fire & (score > thresholds.index_select(0, rows))
         order, num_running = ops.compact(fire)
         k = int(num_running.item())     # the one host sync per checkpoint: the layer loop branches on it
         if k == rows.numel():
@@ -207,8 +224,9 @@ class EarlyExitEngine:
         write_layers_kv(kv["layer_names"][start:], k, v)
 
     def _project_exits(self, out: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor:
-        for c, (w, b) in self._proj.items():
+        """Each exited row gets its own checkpoint's projection (only exited rows are touched)."""
+        for c, proj in self._proj.items():
             rows = (exit_layer == c).nonzero().flatten()
             if rows.numel():
-                ops.scatter_rows(out, rows, torch.nn.functional.linear(out.index_select(0, rows).float(), w, b))
+                ops.scatter_rows(out, rows, proj.apply(out.index_select(0, rows)).to(out.dtype))
         return out

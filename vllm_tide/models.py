@@ -14,6 +14,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .checkpoint import RouterCheckpoint
 from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from .plugin import patch_worker
 from .settings import TideSettings
 
 logger = logging.getLogger("vllm.tide")
@@ -33,6 +34,7 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             threshold, min_layer = settings.resolve(ckpt)
             self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter)
             self.tide_counters = self.tide.counters
+            patch_worker()
             logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
                         base.__name__, settings.router, threshold, min_layer, self.tide.layers)
 

@@ -1,8 +1,9 @@
 """vLLM plugin entry point (``vllm.general_plugins`` -> ``tide``).
 
 It runs in every vLLM process. It registers the TIDE model classes (inert unless TIDE is asked for),
-adds the ``--plugin tide --tide-*`` serve flags, and checks a TIDE request in the front-end process,
-before any worker starts, so bad input fails fast with one sentence.
+adds the ``--plugin tide --tide-*`` serve flags, checks a TIDE request in the front-end process before
+any worker starts (bad input fails fast with one sentence), and installs the per-request controls
+(request_control) and, in an API server running TIDE, the /metrics series (metrics).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def register() -> None:
     for arch, cls in SUPPORTED.items():
         ModelRegistry.register_model(arch, f"vllm_tide.models:{cls}")
     _patch_engine_args()
+    _patch_request_path()
     _install_excepthook()
 
 
@@ -130,6 +132,9 @@ def _patch_engine_args() -> None:
         tide = tide_config_from_args(args)
         if tide is not None:
             engine_args.additional_config = {**(engine_args.additional_config or {}), "tide": tide}
+        extra = engine_args.additional_config
+        if isinstance(extra, dict) and "tide" in extra:
+            _patch_api_server()       # the CLI path: this process may serve HTTP
         return engine_args
 
     def create_engine_config(self, *a, **kw):
@@ -140,6 +145,76 @@ def _patch_engine_args() -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
     setattr(EngineArgs, _PATCHED, True)
+
+
+def _patch_request_path() -> None:
+    """Per-request thresholds: validated and cache-salted in the front-end (here), applied in the
+    worker (patch_worker, installed when a TIDE model is built)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from . import request_control
+    if getattr(InputProcessor, _PATCHED, False):
+        return
+    orig_process = InputProcessor.process_inputs
+
+    def process_inputs(self, request_id, prompt, params, *a, **kw):
+        request = orig_process(self, request_id, prompt, params, *a, **kw)
+        request_control.check_and_salt(self, params, request)
+        return request
+
+    InputProcessor.process_inputs = process_inputs
+    setattr(InputProcessor, _PATCHED, True)
+
+
+def patch_worker() -> None:
+    """In the worker process: per-step request thresholds for the model, and the stats RPC method."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from . import request_control
+    from .metrics import RPC_METHOD, worker_exit_stats
+    if getattr(GPUModelRunner, _PATCHED, False):
+        return
+    orig_prepare = GPUModelRunner._prepare_inputs
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *a, **kw):
+        out = orig_prepare(self, scheduler_output, num_scheduled_tokens, *a, **kw)
+        engine = getattr(self.get_model(), "tide", None)
+        if engine is not None:
+            engine.step_thresholds, engine.step_min = request_control.step_thresholds(
+                self, num_scheduled_tokens, engine.threshold)
+        return out
+
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+    setattr(WorkerBase, RPC_METHOD, worker_exit_stats)
+    setattr(GPUModelRunner, _PATCHED, True)
+
+
+def _patch_api_server() -> None:
+    """Attach the TIDE metrics (an endpoint plugin without routes) to the app vLLM is about to build."""
+    from vllm.entrypoints.launchers import app as app_mod
+    from vllm.entrypoints.serve.instrumentator import metrics as metrics_mod
+
+    from .metrics import TideEndpointPlugin, register_collector
+    if getattr(app_mod, _PATCHED, False):
+        return
+    orig_attach = app_mod.attach_endpoint_plugins
+    orig_registry = metrics_mod.get_prometheus_registry
+
+    def attach_endpoint_plugins(app, supported_tasks):
+        orig_attach(app, supported_tasks)
+        plugin = TideEndpointPlugin()
+        plugin.attach_router(app)
+        app.state.endpoint_plugins = list(getattr(app.state, "endpoint_plugins", [])) + [plugin]
+
+    def get_prometheus_registry():
+        registry = orig_registry()
+        register_collector(registry)
+        return registry
+
+    app_mod.attach_endpoint_plugins = attach_endpoint_plugins
+    metrics_mod.get_prometheus_registry = get_prometheus_registry
+    setattr(app_mod, _PATCHED, True)
 
 
 def _install_excepthook() -> None:

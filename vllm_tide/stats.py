@@ -35,7 +35,10 @@ def _merge(snaps: list[dict]) -> dict:
 
 def _worker_snapshot(model: torch.nn.Module) -> dict:
     counters = getattr(model, "tide_counters", None)
-    return counters.snapshot() if counters is not None else {}
+    if counters is None:
+        return {}
+    engine = model.tide
+    return {**counters.snapshot(), "threshold": engine.threshold, "min_layer": engine.min_layer}
 
 
 def _worker_reset(model: torch.nn.Module) -> None:

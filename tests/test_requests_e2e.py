@@ -1,0 +1,102 @@
+"""Per-request exit control offline: thresholds in one batch, exits off, prefix-cache keying, bad values."""
+import pytest
+import torch
+
+from conftest import DEFAULT_MODEL, requires_engine
+from helpers import Reference, synthetic_router
+from test_plugin_e2e import PROMPTS, stock_tokens, with_engine
+
+pytestmark = [pytest.mark.e2e, requires_engine]
+
+
+def params(n, threshold=None, enabled=None, **kw):
+    from vllm import SamplingParams
+    extra = {}
+    if threshold is not None:
+        extra["tide_threshold"] = threshold
+    if enabled is not None:
+        extra["tide_enabled"] = enabled
+    return SamplingParams(temperature=0, max_tokens=n, logprobs=0, extra_args=extra or None, **kw)
+
+
+def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
+    """One batch: the engine's threshold, a lower and a higher one, and exits off. Each request's
+    logprobs match the reference at its own threshold; exits-off is stock vLLM's output."""
+    from vllm_tide import exit_stats, reset_exit_stats
+    router = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
+    # the engine's threshold (0.7), a lower one, a raised one that never exits (1.0), exits off
+    settings = [(None, None), (0.2, None), (1.0, None), (None, False)]
+    effective = [0.7, 0.2, 1.0, None]
+    prompts = [PROMPTS[3]] * 4                     # the same prompt under four settings
+    want_stock = stock_tokens(DEFAULT_MODEL, prompts, 8)
+
+    def check(llm):
+        outs = llm.generate(prompts, [params(8, t, e, prompt_logprobs=0) for t, e in settings], use_tqdm=False)
+        tok = llm.get_tokenizer()
+        exits = []
+        for prompt, out, thr, stock in zip(prompts, outs, effective, want_stock):
+            gen = list(out.outputs[0].token_ids)
+            if thr is None or thr == 1.0:
+                assert gen == stock
+            if thr is None:
+                continue
+            ids = tok(prompt)["input_ids"]
+            logits, exit_at, _ = Reference(DEFAULT_MODEL, ckpt, thr, 0).run(ids + gen)
+            lp = torch.log_softmax(logits.double(), -1)
+            got = [out.outputs[0].logprobs[i][gen[i]].logprob for i in range(len(gen))]
+            want = [lp[len(ids) - 1 + i, gen[i]].item() for i in range(len(gen))]
+            assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4 * logits.abs().max().item()
+            exits.append(int((exit_at >= 0).sum()))
+        assert exits[0] > 0 and exits[1] > 0 and exits[2] == 0, exits
+        # exits off costs nothing: a batch of only exits-off requests runs no router at all
+        reset_exit_stats(llm)
+        off = llm.generate(prompts[:2], [params(8, enabled=False)] * 2, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in off] == want_stock[:2]
+        assert sum(exit_stats(llm)["exits_per_layer"].values()) == 0
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0}, check)
+
+
+def test_prefix_cache_never_crosses_exit_settings(tmp_path):
+    """An exits-off request after an exits-on request with the same prompt gets stock output, while
+    requests with the same setting do share cached blocks."""
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {11: "all"})
+    prompt = " ".join(PROMPTS) * 2                                  # several full 32-token blocks
+    want = stock_tokens(DEFAULT_MODEL, [prompt], 8)[0]
+
+    def check(llm):
+        on = llm.generate([prompt], params(8), use_tqdm=False)[0]
+        off = llm.generate([prompt], params(8, enabled=False), use_tqdm=False)[0]
+        assert list(off.outputs[0].token_ids) == want
+        assert not off.num_cached_tokens                            # nothing reused across settings
+        on_again = llm.generate([prompt], params(8), use_tqdm=False)[0]
+        assert on_again.num_cached_tokens >= 64                     # same setting: blocks reused
+        assert list(on_again.outputs[0].token_ids) == list(on.outputs[0].token_ids)
+        off_again = llm.generate([prompt], params(8, enabled=False), use_tqdm=False)[0]
+        assert off_again.num_cached_tokens >= 64 and list(off_again.outputs[0].token_ids) == want
+        # the keying matters: every token exits at 11, so the exits-on computation is not stock's
+        lp_on = [next(iter(d.values())).logprob for d in on.outputs[0].logprobs]
+        lp_off = [next(iter(d.values())).logprob for d in off.outputs[0].logprobs]
+        assert max(abs(a - b) for a, b in zip(lp_on, lp_off)) > 1e-2
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enable_prefix_caching=True)
+
+
+def test_bad_request_parameters_are_clear_errors_and_the_engine_goes_on(tmp_path):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+
+    def check(llm):
+        cases = [({"tide_threshold": 1.5}, "tide_threshold must be a number in (0, 1]"),
+                 ({"tide_threshold": "high"}, "tide_threshold must be a number"),
+                 ({"tide_enabled": "no"}, "tide_enabled must be true or false"),
+                 ({"tide_treshold": 0.9}, "Unknown TIDE request parameter 'tide_treshold'")]
+        for extra, text in cases:
+            with pytest.raises(VLLMValidationError) as e:
+                llm.generate(["Hi"], SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
+            assert text in str(e.value) and "\n" not in str(e.value)
+        out = llm.generate(["Hi"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)

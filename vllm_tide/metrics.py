@@ -1,0 +1,114 @@
+"""TIDE series on the server's Prometheus ``/metrics``, correct in vLLM's multiprocess mode.
+
+The counters live where the layers run (the worker, in the engine-core process by default). The API
+server asks for them over vLLM's own worker RPC (``collective_rpc("tide_exit_stats")``) right
+before each scrape, and a Prometheus collector renders the answer, named like vLLM's own series:
+
+    vllm:tide_tokens_total                   tokens that went through the TIDE forward
+    vllm:tide_exits_total{layer="15"}         tokens that exited at each checkpoint layer
+    vllm:tide_skipped_token_layers_total      token-layers not computed at all (K/V fill only)
+    vllm:tide_partial_token_layers_total      token-layers that ran only attention (for their K/V)
+    vllm:tide_threshold                       the engine's exit threshold (per request overrides aside)
+    vllm:tide_min_layer                       the shallowest layer a token may exit at
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.tide")
+
+RPC_METHOD = "tide_exit_stats"
+
+
+def worker_exit_stats(worker) -> dict:
+    """Installed on vLLM's WorkerBase as ``tide_exit_stats`` (so collective_rpc can name it)."""
+    from .stats import _worker_snapshot
+    return _worker_snapshot(worker.get_model())
+
+
+class TideCollector:
+    """Renders the latest snapshot fetched from the engine."""
+
+    def __init__(self):
+        self.snapshot: dict = {}
+        self.model_name = ""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        s = self.snapshot
+        if not s:
+            return
+        labels = ["model_name"]
+        name = [self.model_name]
+
+        def counter(metric, doc, value):
+            c = CounterMetricFamily(metric, doc, labels=labels)
+            c.add_metric(name, value)
+            return c
+
+        yield counter("vllm:tide_tokens", "Tokens processed by the TIDE early-exit forward.", s["tokens"])
+        exits = CounterMetricFamily("vllm:tide_exits", "Tokens that exited at each TIDE checkpoint layer.",
+                                    labels=labels + ["layer"])
+        for layer, count in sorted(s["exits_per_layer"].items(), key=lambda kv: int(kv[0])):
+            exits.add_metric(name + [str(layer)], count)
+        yield exits
+        yield counter("vllm:tide_skipped_token_layers", "Token-layers skipped entirely (K/V fill only).",
+                      s["skipped_token_layers"])
+        yield counter("vllm:tide_partial_token_layers",
+                      "Token-layers of exited tokens that ran attention only (for their K/V).",
+                      s["partial_token_layers"])
+        for metric, doc, key in (("vllm:tide_threshold", "The engine's TIDE exit threshold.", "threshold"),
+                                 ("vllm:tide_min_layer", "The shallowest layer a token may exit at.", "min_layer")):
+            g = GaugeMetricFamily(metric, doc, labels=labels)
+            g.add_metric(name, s[key])
+            yield g
+
+
+COLLECTOR = TideCollector()
+
+
+class TideEndpointPlugin:
+    """vLLM endpoint plugin: fetches the TIDE counters before every /metrics scrape. It adds no route."""
+
+    name = "tide"
+    required_tasks = ("generate",)
+
+    def __init__(self):
+        self.engine_client = None
+
+    def attach_router(self, app) -> None:
+        plugin = self
+
+        @app.middleware("http")
+        async def refresh_tide_metrics(request, call_next):
+            if request.url.path.startswith("/metrics"):
+                await plugin.refresh()
+            return await call_next(request)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        from .settings import TideSettings
+        if engine_client is None or TideSettings.from_vllm_config(engine_client.vllm_config) is None:
+            return
+        self.engine_client = engine_client
+        COLLECTOR.model_name = engine_client.vllm_config.model_config.served_model_name
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        if self.engine_client is None:
+            return
+        try:
+            snaps = await self.engine_client.collective_rpc(RPC_METHOD, timeout=10)
+        except Exception as e:  # a scrape must not fail because the engine is busy or gone
+            logger.warning("TIDE metrics: could not read the exit counters from the engine (%s)", e)
+            return
+        snaps = [s for s in snaps if s]
+        if snaps:     # under tensor parallelism every rank sees the same tokens: take the first
+            COLLECTOR.snapshot = snaps[0]
+
+
+def register_collector(registry) -> None:
+    """Add the TIDE collector to the registry vLLM serves /metrics from (once)."""
+    if getattr(registry, "_tide_registered", False):
+        return
+    registry.register(COLLECTOR)
+    registry._tide_registered = True
