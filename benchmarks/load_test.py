@@ -67,7 +67,7 @@ def stock_worker(args) -> None:
     from vllm import LLM, SamplingParams
     reqs = json.loads(sys.stdin.read())
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, block_size=32, seed=0,
-              enforce_eager=True)
+              enforce_eager=True, gpu_memory_utilization=0.5)
     outs = llm.generate([r["prompt"] for r in reqs],
                         [SamplingParams(temperature=0, max_tokens=r["max_tokens"]) for r in reqs], use_tqdm=False)
     print("JSON" + json.dumps([o.outputs[0].text for o in outs]))
@@ -183,7 +183,10 @@ def main() -> int:
                 time.sleep(1)
         os.remove(router)                      # loaded once at start-up: its absence must not matter
         before = tide_metrics(http(f"{base}/metrics")[1])
-        check("vllm:tide_threshold" in before, "/metrics has no vllm:tide_threshold")
+        from vllm_tide.checkpoint import RouterCheckpoint
+        want = args.threshold if args.threshold is not None else RouterCheckpoint.load(args.router).suggested_threshold
+        check(abs(before.get("vllm:tide_threshold", -1) - want) < 1e-6,
+              f"/metrics vllm:tide_threshold is {before.get('vllm:tide_threshold')}, the engine runs {want}")
 
         status, body = http(f"{base}/v1/completions", {"model": args.model, "prompt": "Hi", "max_tokens": 2,
                                                        "vllm_xargs": {"tide_threshold": 1.5}})
@@ -210,8 +213,9 @@ def main() -> int:
         log.close()
 
     for r, a in zip(reqs, answers):
-        check(isinstance(a["text"], str) and a["tokens"] == r["max_tokens"] and a["finish"] in ("length", "stop"),
-              f"malformed answer {a} for {r}")
+        full = a["finish"] == "length" and a["tokens"] == r["max_tokens"]
+        eos = a["finish"] == "stop" and 1 <= a["tokens"] <= r["max_tokens"]
+        check(isinstance(a["text"], str) and (full or eos), f"malformed answer {a} for {r}")
     off = [i for i, r in enumerate(reqs) if r["threshold"] == "off"]
     stock = stock_texts(args, [reqs[i] for i in off])
     same = sum(answers[i]["text"] == s for i, s in zip(off, stock))
@@ -220,6 +224,7 @@ def main() -> int:
     exits = sum(v - before.get(k, 0) for k, v in after.items() if k.startswith("vllm:tide_exits_total["))
     check(grew > 0, "vllm:tide_tokens_total did not grow")
     check(0 <= exits <= grew, f"exits {exits} not within the {grew} tokens processed")
+    check("TIDE early exit on" in serving_log, "the server log does not show TIDE active")
     bad = [line for line in serving_log.splitlines() if re.search(r"Traceback|\bERROR\b", line)]
     check(not bad, f"errors in the server log: {bad[:3]}")
     report.update({"exits_off_identical_to_stock": f"{same}/{len(off)}", "tokens_processed": grew, "exits": exits,

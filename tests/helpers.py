@@ -116,3 +116,23 @@ class Reference:
             logits.append(lg[-1])
             seq.append(int(lg[-1].argmax()))
         return seq[len(ids):], logits
+
+
+def make_tp_model(out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """A tiny Llama whose 4 query and 2 K/V heads split over two tensor-parallel ranks
+    (the default model's 9 heads do not)."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in os.listdir(tokenizer_dir):
+        if f.startswith("tokenizer") or f.endswith(".jinja"):
+            shutil.copy(os.path.join(tokenizer_dir, f), out_dir)
+    return out_dir

@@ -100,12 +100,17 @@ class EarlyExitEngine:
         self._routers: dict[int, tuple[torch.Tensor, ...]] = {}
         self._proj: dict = {}      # layer -> ExitProjection on the model's device
         self._kv: dict | None = None
+        self._tp = None
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
         self.step_min = threshold
 
     # ------------------------------------------------------------------ set-up after weights are loaded
     def prepare(self, lm) -> None:
+        from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+        # Under tensor parallelism the router sees the replicated hidden state on every rank; the
+        # K/V fill uses each rank's own shard of the K/V heads (q_size/kv_size are per rank).
+        self._tp = get_tp_group() if get_tensor_model_parallel_world_size() > 1 else None
         model = lm.model
         dev = model.norm.weight.device
         for c in self.layers:
@@ -186,6 +191,8 @@ class EarlyExitEngine:
         else:   # mixed per-request thresholds: score at the lowest, then hold each row to its own
             score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.step_min, active)
             fire = fire & (score > thresholds.index_select(0, rows))
+        if self._tp is not None:     # every rank must take the same branch: rank 0's decision rules
+            fire = self._tp.broadcast(fire.to(torch.uint8), src=0).bool()
         order, num_running = ops.compact(fire)
         k = int(num_running.item())     # the one host sync per checkpoint: the layer loop branches on it
         if k == rows.numel():

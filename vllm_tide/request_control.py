@@ -6,6 +6,9 @@ offline or ``"vllm_xargs"`` in an OpenAI-compatible request body:
     {"tide_threshold": 0.95}      # this request's exit threshold, in (0, 1]
     {"tide_enabled": false}       # this request never exits (stock computation for its tokens)
 
+(vLLM's OpenAI server types ``vllm_xargs`` values as str/int/float, so a JSON false arrives as 0;
+0 and 1 are accepted for ``tide_enabled``.)
+
 - Front-end: the parameters are validated before the request reaches the engine (a bad value is a
   400 with one sentence), and every request's prefix-cache salt is keyed by its exit setting,
   because propagated K/V depend on it: blocks computed under one setting are never reused under
@@ -45,13 +48,13 @@ def request_threshold(extra_args: dict | None, validate: bool = False) -> float 
     enabled = extra_args.get(ENABLED_KEY, True)
     threshold = extra_args.get(THRESHOLD_KEY)
     if validate:
-        if not isinstance(enabled, bool):
-            raise _error(f"{ENABLED_KEY} must be true or false, got {enabled!r}.", ENABLED_KEY, enabled)
+        if not (isinstance(enabled, bool) or (isinstance(enabled, int) and enabled in (0, 1))):
+            raise _error(f"{ENABLED_KEY} must be true or false (or 1/0), got {enabled!r}.", ENABLED_KEY, enabled)
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.0 < float(threshold) <= 1.0):
             raise _error(f"{THRESHOLD_KEY} must be a number in (0, 1] (1.0 never exits), got {threshold!r}.",
                          THRESHOLD_KEY, threshold)
-    if enabled is False:
+    if not enabled:
         return OFF
     return None if threshold is None else float(threshold)
 
