@@ -6,7 +6,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
 CUDA_ARCHS ?= native
 
-.PHONY: setup test test-fast demo calibrate ops gpu-check clean
+.PHONY: setup test test-fast demo calibrate bench load-test ops gpu-check clean
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,14 @@ calibrate: setup
 
 demo: setup $(ROUTER)
 	$(PY) benchmarks/demo.py --model $(MODEL) --router $(ROUTER)
+
+# The quality/speed frontier against stock vLLM (hours on 2 cores; resumable, results in benchmarks/results/)
+bench: setup
+	$(PY) benchmarks/frontier.py --model $(MODEL)
+
+# 64 concurrent requests against `vllm serve --plugin tide` with per-request thresholds
+load-test: setup $(ROUTER)
+	$(PY) benchmarks/load_test.py --model $(MODEL) --router $(ROUTER) --requests 64
 
 # CUDA ops (needs nvcc and a CUDA build of torch); the CPU path never needs this.
 ops:

@@ -10,7 +10,6 @@ import pytest
 from conftest import DEFAULT_MODEL, ROOT, requires_engine
 from helpers import synthetic_router
 
-pytestmark = [pytest.mark.e2e, requires_engine]
 
 
 def run(script, *args):
@@ -20,6 +19,8 @@ def run(script, *args):
     return out.stdout
 
 
+@pytest.mark.e2e
+@requires_engine
 def test_quality_benchmark_smoke(tmp_path):
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {27: "some"}, seed=2)
@@ -35,6 +36,8 @@ def test_quality_benchmark_smoke(tmp_path):
     assert 0 <= on["top1_agreement"] <= 1 and on["ppl_ratio"] > 0 and on["tokens"] == off["tokens"] > 250
 
 
+@pytest.mark.e2e
+@requires_engine
 def test_speed_benchmark_smoke(tmp_path):
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {15: "all"})
@@ -44,3 +47,31 @@ def test_speed_benchmark_smoke(tmp_path):
     m = json.loads(res.read_text())["modes"]["decode_b1"]
     assert m["stock_tok_s"] > 0 and m["tide_tok_s"] > 0 and m["ratio"] > 0
     assert m["skipped_layer_fraction"] == pytest.approx(14 / 30)     # every token exits at 15
+
+
+def test_frontier_choice_and_report(tmp_path):
+    """The frontier's preset choice follows the bars on dev figures, and the report writes its JSON,
+    table and plots (fabricated figures; the measurements themselves are the benchmark's job)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import frontier
+
+    def point(v, t, agree, ppl, exited, split="dev", size="dev"):
+        return {"variant": v, "threshold": t, "min_layer": 11, "split": split, "size": size, "top1_agreement": agree,
+                "ppl_ratio": ppl, "exited_fraction": exited, "gen_exact_match": 0.5, "gen_skipped_layer_fraction": exited,
+                "text_exits_per_layer": {"11": 10, "19": 5}, "tokens": 100}
+    runs = {"a|0.99|11|dev|dev": point("kl:affine", 0.99, 0.985, 1.01, 0.02),
+            "a|0.9|11|dev|dev": point("kl:affine", 0.9, 0.96, 1.05, 0.06),
+            "b|0.5|11|dev|dev": point("top1:identity", 0.5, 0.91, 1.9, 0.12),
+            "b|0.4|11|dev|dev": point("top1:identity", 0.4, 0.85, 3.0, 0.20)}
+    chosen = frontier.choose(frontier.dev_points(runs))
+    assert chosen["default"]["threshold"] == 0.99 and chosen["balanced"]["threshold"] == 0.9
+    assert chosen["fast"]["threshold"] == 0.5                      # 0.4 misses the 90% bar
+    runs["kl:affine|0.99|11|test|full"] = point("kl:affine", 0.99, 0.98, 1.02, 0.02, "test", "full")
+    runs["speed|kl:affine|0.99|11"] = {"modes": {m: {"ratio": 1.05} for m in ("decode_b1", "decode_b8", "prefill")}}
+    args = frontier.parse_args(["--variants", "kl:affine", "top1:identity", "--out", str(tmp_path)])
+    frontier.stage_report(args, runs)
+    summary = json.loads((tmp_path / "frontier.json").read_text())
+    assert summary["chosen_on_dev"]["default"]["threshold"] == 0.99 and summary["test"]["default"]["ppl_ratio"] == 1.02
+    assert "| default | kl:affine | 0.99 | 11 |" in (tmp_path / "frontier.md").read_text()
+    for png in ("frontier.png", "exit_histogram.png"):
+        assert (tmp_path / png).stat().st_size > 10_000

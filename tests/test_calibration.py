@@ -51,6 +51,10 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection):
         (back.suggested_threshold, back.suggested_min_layer)
     assert chosen["top1_agreement"] >= 0.5 and chosen["ppl_ratio"] <= 11.0
     assert len(back.extra["propagated_evaluations"]) >= 2
+    presets = back.extra["presets"]
+    assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
+    for p in presets.values():      # each preset met its own agreement target in the measurement
+        assert p is None or p in back.extra["propagated_evaluations"]
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     sim = ExitSimulator.from_checkpoint(hf, back, back.suggested_threshold, back.suggested_min_layer)
     logits, exit_at, _ = sim.run(list(range(100, 228)))

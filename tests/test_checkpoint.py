@@ -151,6 +151,13 @@ def test_settings_parse():
     ckpt = make_ckpt()
     assert TideSettings.parse({"router": "r"}).resolve(ckpt) == (0.875, 7)
     assert TideSettings.parse({"router": "r", "threshold": 0.6, "min_layer": 3}).resolve(ckpt) == (0.6, 3)
+    # presets stored in the checkpoint; explicit settings still win; a preset that met nothing is off
+    ckpt.extra["presets"] = {"default": None, "fast": {"threshold": 0.7, "min_layer": 3}}
+    assert TideSettings.parse({"router": "r", "preset": "fast"}).resolve(ckpt) == (0.7, 3)
+    assert TideSettings.parse({"router": "r", "preset": "fast", "threshold": 0.9}).resolve(ckpt) == (0.9, 3)
+    assert TideSettings.parse({"router": "r", "preset": "default"}).resolve(ckpt) == (1.0, 7)
+    with pytest.raises(TideConfigError, match="has no preset 'balanced'"):
+        TideSettings.parse({"router": "r", "preset": "balanced"}).resolve(ckpt)
 
 
 def test_fingerprint_tracks_weights_as_stored(tmp_path):

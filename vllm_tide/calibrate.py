@@ -28,6 +28,9 @@ from .router import Router, router_input
 from .simulate import ExitSimulator
 
 THRESHOLD_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+# Named operating points stored in every checkpoint: (top-1 agreement, max perplexity increase or None).
+# "default" takes the calibration's --target-agreement / --max-ppl-increase.
+PRESETS = {"balanced": (0.95, None), "fast": (0.90, None)}
 TEMPERATURE_SAMPLE = 2048     # tokens per checkpoint for the temperature fit (one scalar)
 
 
@@ -364,11 +367,12 @@ class PropagatedEval:
         return self.results[key]
 
 
-def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float,
+def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float | None,
                       min_layer: int | None) -> dict | None:
     """For each minimum depth, the lowest threshold meeting the targets (fidelity rises with the
     threshold, so a binary search over the grid); then the point with the most skipping."""
-    ok = lambda r: r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl  # noqa: E731
+    def ok(r):
+        return r["top1_agreement"] >= target and (max_ppl is None or r["ppl_ratio"] <= 1 + max_ppl)
     best = None
     for m in ([min_layer] if min_layer is not None else layers):
         lo, hi = 0, len(THRESHOLD_GRID) - 1
@@ -464,7 +468,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
     post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
                            cfg.min_layer)
-    propagated, evaluations = None, []
+    propagated, evaluations, presets = None, [], {}
     if cfg.select_tokens > 0:
         evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
                                   {c: p for c, p in projections.items() if p is not None}, col.num_layers)
@@ -477,6 +481,9 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                 bar.update(int(fresh))
                 return r
             propagated = choose_propagated(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer)
+            presets = {"default": propagated}
+            for name, (agree, ppl) in PRESETS.items():
+                presets[name] = choose_propagated(counted, layers, agree, ppl, cfg.min_layer)
         evaluations = list(evaluate.results.values())
         chosen = propagated
     else:
@@ -507,12 +514,39 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         suggested_min_layer=min_layer,
         extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
+               "presets": presets,
                "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
                "kl_bound": cfg.kl_bound if cfg.criterion == "kl" else None,
                "temperatures": {str(c): p.temperature for c, p in projections.items() if p is not None},
                "calibration_dtype": str(col.dtype).replace("torch.", ""),
                "seconds": round(col.seconds + time.time() - t0, 1) if collected is None else round(time.time() - t0, 1)})
     ckpt.save(cfg.output)
+    print_report(ckpt)
+    return ckpt
+
+
+def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
+    """Compute the named presets for an existing checkpoint (propagated, on the validation split),
+    reusing the propagated measurements it already stores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ckpt = RouterCheckpoint.load(path)
+    dtype = torch.bfloat16 if cfg.device == "cpu" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    _, val_seqs, _ = load_sequences(tokenizer, cfg)
+    routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
+    evaluate = PropagatedEval(model, _select_seqs(val_seqs, cfg.select_tokens), routers, ckpt.projections,
+                              ckpt.model.num_layers)
+    for r in ckpt.extra.get("propagated_evaluations", []):
+        evaluate.results[(r["threshold"], r["min_layer"])] = r
+    targets = ckpt.extra.get("targets", {})
+    presets = {"default": choose_propagated(evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
+                                            targets.get("max_ppl_increase", cfg.max_ppl_increase), None)}
+    for name, (agree, ppl) in PRESETS.items():
+        presets[name] = choose_propagated(evaluate, ckpt.layers, agree, ppl, None)
+    ckpt.extra["presets"] = presets
+    ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
+    ckpt.save(path)
     print_report(ckpt)
     return ckpt
 
@@ -539,6 +573,13 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     if pr:
         print(f"  propagated: {pr['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
               f"{pr['top1_agreement']:.4f}, perplexity ratio {pr['ppl_ratio']:.4f}")
+    for name, p in x.get("presets", {}).items():
+        if p is None:
+            print(f"  preset {name:<8}: none of the points met its target (exits off)")
+        else:
+            print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']}: "
+                  f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
+                  f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
     elif ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets: the suggested threshold 1.0 keeps exits off; "
               "pass an explicit threshold to trade quality for speed")

@@ -45,6 +45,8 @@ def add_tide_cli_args(parser):
                    help="Exit threshold in (0, 1]; default: the checkpoint's suggested threshold.")
     g.add_argument("--tide-min-layer", type=int, default=None, metavar="N",
                    help="Shallowest layer a token may exit at; default: the checkpoint's suggestion.")
+    g.add_argument("--tide-preset", default=None, metavar="NAME",
+                   help="A named operating point stored in the router: default, balanced or fast.")
     return parser
 
 
@@ -54,7 +56,7 @@ def tide_config_from_args(args) -> dict | None:
     if unknown:
         raise TideConfigError(f"Unknown --plugin {unknown[0]!r}; the only plugin vllm-tide provides is `--plugin tide`.")
     flags = {"router": getattr(args, "tide_router", None), "threshold": getattr(args, "tide_threshold", None),
-             "min_layer": getattr(args, "tide_min_layer", None)}
+             "min_layer": getattr(args, "tide_min_layer", None), "preset": getattr(args, "tide_preset", None)}
     given = {k: v for k, v in flags.items() if v is not None}
     if not plugins:
         if given:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from .checkpoint import RouterCheckpoint, check_threshold
 from .errors import TideConfigError
 
-KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled"}
+KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset"}
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class TideSettings:
     threshold: float | None = None   # None: the checkpoint's suggested threshold
     min_layer: int | None = None     # None: the checkpoint's suggested minimum exit depth
     enabled: bool = True
+    preset: str | None = None        # a named operating point stored in the checkpoint (default/balanced/fast)
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "TideSettings | None":
@@ -46,12 +47,25 @@ class TideSettings:
         min_layer = raw.get("min_layer")
         if min_layer is not None and (isinstance(min_layer, bool) or not isinstance(min_layer, int) or min_layer < 0):
             raise TideConfigError(f"The TIDE min_layer must be a non-negative layer index, got {min_layer!r}.")
-        return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled)
+        preset = raw.get("preset")
+        if preset is not None and not isinstance(preset, str):
+            raise TideConfigError(f"The TIDE preset must be a name like \"balanced\", got {preset!r}.")
+        return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled, preset=preset)
 
     def resolve(self, ckpt: RouterCheckpoint) -> tuple[float, int]:
-        """Threshold and minimum exit depth in force: explicit settings win over the checkpoint's."""
-        threshold = self.threshold if self.threshold is not None else check_threshold(ckpt.suggested_threshold)
-        min_layer = self.min_layer if self.min_layer is not None else ckpt.suggested_min_layer
+        """Threshold and minimum exit depth in force: explicit settings win over a preset, which wins
+        over the checkpoint's suggestion."""
+        base_t, base_m = ckpt.suggested_threshold, ckpt.suggested_min_layer
+        if self.preset is not None:
+            presets = ckpt.extra.get("presets") or {}
+            if self.preset not in presets:
+                raise TideConfigError(f"The TIDE router {self.router} has no preset {self.preset!r}; it has "
+                                      f"{sorted(presets) or 'none (recalibrate with this vllm-tide)'}.")
+            p = presets[self.preset]
+            # a preset whose target no point met keeps exits off
+            base_t, base_m = (1.0, ckpt.layers[-1]) if p is None else (p["threshold"], p["min_layer"])
+        threshold = self.threshold if self.threshold is not None else check_threshold(base_t)
+        min_layer = self.min_layer if self.min_layer is not None else base_m
         if min_layer >= ckpt.model.num_layers:
             raise TideConfigError(f"The TIDE min_layer {min_layer} is not below the model's {ckpt.model.num_layers} "
                                   f"layers; use a checkpoint layer from {ckpt.layers}.")
