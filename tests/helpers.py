@@ -49,6 +49,7 @@ def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interva
     d, b = ident.hidden_size, 8
     layers = checkpoint_layers(ident.num_layers, interval)
     g = torch.Generator().manual_seed(seed)
+    gp = torch.Generator().manual_seed(seed + 1000)    # projections: the routers do not depend on the kind
     routers, projections = {}, {}
     for c in layers:
         mode = fire_at.get(c, "never")
@@ -63,11 +64,11 @@ def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interva
         routers[c] = {"down.weight": w1, "down.bias": b1, "up.weight": w2, "up.bias": b2}
         temperature = 0.7 + 0.1 * c / ident.num_layers      # a different one per checkpoint
         if projection == "affine":
-            projections[c] = ExitProjection(weight=torch.eye(d) + torch.randn(d, d, generator=g) * 0.02,
-                                            bias=torch.randn(d, generator=g) * 0.02, temperature=temperature)
+            projections[c] = ExitProjection(weight=torch.eye(d) + torch.randn(d, d, generator=gp) * 0.02,
+                                            bias=torch.randn(d, generator=gp) * 0.02, temperature=temperature)
         elif projection == "lowrank":
-            projections[c] = ExitProjection(u=torch.randn(d, 4, generator=g) * 0.05, v=torch.randn(4, d, generator=g) * 0.05,
-                                            bias=torch.randn(d, generator=g) * 0.02, temperature=temperature)
+            projections[c] = ExitProjection(u=torch.randn(d, 4, generator=gp) * 0.05, v=torch.randn(4, d, generator=gp) * 0.05,
+                                            bias=torch.randn(d, generator=gp) * 0.02, temperature=temperature)
         elif projection == "temperature":
             projections[c] = ExitProjection(temperature=temperature)
     kind = "affine" if projection == "lowrank" else projection

@@ -160,10 +160,13 @@ def check_propagated_cache(llm, ref, ids, exit_layer):
             assert dist <= 1e-4 * want.norm().item() * 10
 
 
-def test_mixed_exits_with_affine_projection(tmp_path):
+@pytest.mark.parametrize("projection", ["affine", "temperature", "lowrank"])
+def test_mixed_exits_with_each_exit_projection(tmp_path, projection):
+    """Tokens of one batch exit at different checkpoints, each getting its own checkpoint's projection
+    (every checkpoint has a different one; affine carries a temperature too)."""
     from vllm_tide import exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection="affine", seed=3)
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection=projection, seed=6)
     ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
 
     def check(llm):
