@@ -5,13 +5,15 @@
 Stages (each skips work whose output already exists, so an interrupted run resumes):
 1. calibrate: one router checkpoint per variant (label criterion x exit projection), all from one
    collection pass over the calibration split (outputs/variants/).
-2. dev: every variant at every threshold (and the minimum exit depths given) against stock vLLM on
-   the development split: teacher-forced top-1 agreement and perplexity ratio via prompt_logprobs,
-   GSM8K greedy continuations, skipped fractions and exit histograms (benchmarks/quality.py).
-3. choose: the presets from the dev figures only. default: the most skipping with agreement >= 98%
-   and perplexity <= +2%; balanced: agreement >= 95%; fast: agreement >= 90%.
-4. test: each preset on the test split (quality) and its speed against stock (benchmarks/speed.py).
-5. report: JSON with every figure and the machine, PNG plots, and a markdown table.
+2. dev: every variant at its calibration's suggested point and at probe thresholds, then a threshold
+   and minimum-depth sweep of the variant that skips the most, each against stock vLLM on the
+   development split (benchmarks/quality.py): teacher-forced top-1 agreement and perplexity ratio via
+   prompt_logprobs, GSM8K greedy continuations, skipped fractions and exit histograms.
+3. test: the presets, chosen from the dev figures only (default: the most token-layers after exits
+   with agreement >= 98% and perplexity <= +2%; balanced: agreement >= 95%; fast: >= 90%), on the
+   test split at full size, and their speed against stock (benchmarks/speed.py).
+4. report: JSON with every figure and the machine, PNG plots, and a markdown table.
+Every quality run is cached in benchmarks/results/frontier_runs.json.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def stage_calibrate(args) -> None:
         calibrate(cfg, collected)
         print(f"[frontier] calibrated {v} in {time.time() - t0:.0f} s (+{collected.seconds:.0f} s shared collection)",
               flush=True)
-    for v in args.variants:     # checkpoints written before presets existed
+    for v in args.variants if args.add_presets else []:     # checkpoints written before presets existed
         if "presets" not in presets_of_extra(variant_path(args.routers, v)):
             add_presets(CalibrationConfig(model=args.model, output="", max_tokens=args.calib_tokens),
                         variant_path(args.routers, v))
@@ -110,16 +112,18 @@ def presets_of(router: str) -> dict:
 
 
 def stage_dev(args, runs: dict) -> None:
-    """Each variant's presets (as its calibration chose them), then a threshold and depth sweep of
-    the variant whose presets skip the most on dev."""
+    """Each variant at its calibration's suggested point and at --probe thresholds (min layer
+    --probe-min-layer), then a threshold and depth sweep of the variant that skips the most on dev."""
+    from vllm_tide.checkpoint import RouterCheckpoint
     for v in args.variants:
-        for name, p in presets_of(variant_path(args.routers, v)).items():
-            if p is not None:
-                measure(args, runs, v, p["threshold"], p["min_layer"], "dev", False)
+        ckpt = RouterCheckpoint.load(variant_path(args.routers, v))
+        if ckpt.suggested_threshold < 1.0:
+            measure(args, runs, v, ckpt.suggested_threshold, ckpt.suggested_min_layer, "dev", False)
+        for t in args.probe:
+            measure(args, runs, v, t, args.probe_min_layer, "dev", False)
     best = best_variant(args, runs)
-    fast = presets_of(variant_path(args.routers, best)).get("fast") or {"min_layer": 15}
     for t in args.thresholds:
-        measure(args, runs, best, t, fast["min_layer"], "dev", False)
+        measure(args, runs, best, t, args.probe_min_layer, "dev", False)
     for m in args.min_layers:
         measure(args, runs, best, 0.9, m, "dev", False)
 
@@ -281,8 +285,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, help="criterion:projection")
     p.add_argument("--routers", default="outputs", help="where variant checkpoints go (outputs/variants/)")
     p.add_argument("--calib-tokens", type=int, default=110_000)
-    p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95, 0.99])
-    p.add_argument("--min-layers", type=int, nargs="*", default=[3, 11, 19, 23, 27])
+    p.add_argument("--probe", type=float, nargs="*", default=[0.5, 0.9], help="thresholds tried on every variant")
+    p.add_argument("--probe-min-layer", type=int, default=11)
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.8, 0.95, 0.99], help="sweep of the best variant")
+    p.add_argument("--min-layers", type=int, nargs="*", default=[3, 19, 27], help="at threshold 0.9, best variant")
+    p.add_argument("--add-presets", action="store_true", help="compute presets for variant checkpoints lacking them")
     p.add_argument("--dev-tokens", type=int, default=4096)
     p.add_argument("--dev-prompts", type=int, default=50)
     p.add_argument("--speed-repeats", type=int, default=5)

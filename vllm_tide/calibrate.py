@@ -580,7 +580,7 @@ def print_report(ckpt: RouterCheckpoint) -> None:
             print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']}: "
                   f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
                   f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
-    elif ckpt.suggested_threshold >= 1.0:
+    if ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets: the suggested threshold 1.0 keeps exits off; "
               "pass an explicit threshold to trade quality for speed")
 
