@@ -42,8 +42,9 @@ class CalibrationConfig:
     max_tokens: int = 110_000
     seq_len: int = 512
     interval: int = 4
-    criterion: str = "top1"
-    exit_projection: str = "identity"
+    # defaults chosen from the frontier on development data (benchmarks/frontier.py, README "Measured")
+    criterion: str = "kl"
+    exit_projection: str = "affine"
     device: str = "cpu"
     dtype: str = "auto"          # bfloat16 on CPU (2x faster forward and LM head), float32 on CUDA
     bottleneck: int = 128
@@ -593,8 +594,8 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--max-tokens", type=int, default=110_000)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--interval", type=int, default=4)
-    p.add_argument("--criterion", default="top1", choices=CRITERIA)
-    p.add_argument("--exit-projection", default="identity", choices=PROJECTIONS)
+    p.add_argument("--criterion", default="kl", choices=CRITERIA)
+    p.add_argument("--exit-projection", default="affine", choices=PROJECTIONS)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--bottleneck", type=int, default=128)
