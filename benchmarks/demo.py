@@ -52,6 +52,7 @@ def main():
     p.add_argument("--model", default="models/smollm2-135m-instruct")
     p.add_argument("--router", default="outputs/router.safetensors")
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--preset", default=None, help="default, balanced or fast (stored in the router)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--stock-json", action="store_true", help=argparse.SUPPRESS)
@@ -68,6 +69,8 @@ def main():
     tide = {"router": args.router}
     if args.threshold is not None:
         tide["threshold"] = args.threshold
+    if args.preset is not None:
+        tide["preset"] = args.preset
     mine = generate(args, tide)
     same = 0
     for prompt, a, b in zip(PROMPTS, stock["texts"], mine["texts"]):
