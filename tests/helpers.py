@@ -20,14 +20,16 @@ TINY = {
 }
 
 
-def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str, num_layers: int = 8, seed: int = 0) -> str:
-    """A small random-weight model of a family, saved with the default model's tokenizer."""
+def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str, num_layers: int = 8, seed: int = 0,
+                    heads: tuple[int, int, int] = (2, 1, 64)) -> str:
+    """A small random-weight model of a family, saved with the default model's tokenizer.
+    heads: (query heads, K/V heads, head size)."""
     import transformers
     cfg_name, model_name, extra = TINY[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(
         vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=heads[2], max_position_embeddings=2048,
         tie_word_embeddings=True, rms_norm_eps=1e-6, **extra)
     model = getattr(transformers, model_name)(cfg).float().eval()
     with torch.no_grad():   # larger than init-scale weights, so layers change the residual stream visibly
@@ -122,18 +124,4 @@ class Reference:
 def make_tp_model(out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
     """A tiny Llama whose 4 query and 2 K/V heads split over two tensor-parallel ranks
     (the default model's 9 heads do not)."""
-    import transformers
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                   max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    model = transformers.LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    for f in os.listdir(tokenizer_dir):
-        if f.startswith("tokenizer") or f.endswith(".jinja"):
-            shutil.copy(os.path.join(tokenizer_dir, f), out_dir)
-    return out_dir
+    return make_tiny_model("llama", out_dir, tokenizer_dir, seed=seed, heads=(4, 2, 32))
