@@ -220,12 +220,16 @@ def stage_report(args, runs: dict) -> None:
     fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=110)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(len(test), 1)
+    width = 3.2 / max(len(test), 1)           # checkpoints are 4 layers apart: one group per checkpoint
+    ticks = set()
     for i, (name, r) in enumerate(test.items()):
         if r:
             hist = {int(k): v for k, v in r["text_exits_per_layer"].items()}
             xs = sorted(hist)
-            ax.bar([x + i * width * 4 for x in xs], [hist[x] / r["tokens"] for x in xs], width=width * 4, label=name)
+            ticks |= set(xs)
+            offset = (i - (len(test) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], [hist[x] / r["tokens"] for x in xs], width=width, label=name)
+    ax.set_xticks(sorted(ticks))
     ax.set_xlabel("exit layer (checkpoint)")
     ax.set_ylabel("fraction of test tokens exiting there")
     ax.legend()
