@@ -37,6 +37,7 @@ def variant_path(out: str, variant: str) -> str:
 
 def stage_calibrate(args) -> None:
     from vllm_tide.calibrate import CalibrationConfig, add_presets, calibrate, collect
+    from vllm_tide.checkpoint import RouterCheckpoint
     todo = [v for v in args.variants if not os.path.exists(variant_path(args.routers, v))]
     collected = collect(CalibrationConfig(model=args.model, output="", max_tokens=args.calib_tokens)) if todo else None
     for v in todo:
@@ -48,14 +49,9 @@ def stage_calibrate(args) -> None:
         print(f"[frontier] calibrated {v} in {time.time() - t0:.0f} s (+{collected.seconds:.0f} s shared collection)",
               flush=True)
     for v in args.variants if args.add_presets else []:     # checkpoints written before presets existed
-        if "presets" not in presets_of_extra(variant_path(args.routers, v)):
+        if "presets" not in RouterCheckpoint.load(variant_path(args.routers, v)).extra:
             add_presets(CalibrationConfig(model=args.model, output="", max_tokens=args.calib_tokens),
                         variant_path(args.routers, v))
-
-
-def presets_of_extra(router: str) -> dict:
-    from vllm_tide.checkpoint import RouterCheckpoint
-    return RouterCheckpoint.load(router).extra
 
 
 # ----------------------------------------------------------------------------- quality runs (cached)
@@ -104,11 +100,6 @@ def measure(args, runs: dict, variant: str | None, threshold, min_layer, split: 
         print(f"[frontier] {key}: agreement {row['top1_agreement']:.4f} ppl {row['ppl_ratio']:.4f} exited "
               f"{row['exited_fraction']:.4f} gen-exact {row['gen_exact_match']:.2f} ({time.time() - t0:.0f} s)", flush=True)
     return runs[key]
-
-
-def presets_of(router: str) -> dict:
-    from vllm_tide.checkpoint import RouterCheckpoint
-    return RouterCheckpoint.load(router).extra.get("presets") or {}
 
 
 def stage_dev(args, runs: dict) -> None:

@@ -6,8 +6,7 @@ import torch
 
 from conftest import DEFAULT_MODEL
 from helpers import make_tiny_model
-from vllm_tide.calibrate import (CalibrationConfig, States, auc, calibrate, cosine_labels, exit_metrics, kl_labels,
-                                 top1_labels)
+from vllm_tide.calibrate import CalibrationConfig, States, auc, calibrate, cosine_labels, exit_metrics, kl_labels
 from vllm_tide.checkpoint import RouterCheckpoint
 from vllm_tide.errors import TideConfigError
 from vllm_tide.projection import ExitProjection, fit_affine, fit_temperature
@@ -133,9 +132,12 @@ def test_labels_match_independent_computation():
     w = torch.randn(v, d, generator=g)
     final_top1 = (final @ w.T).argmax(-1)
     want = torch.tensor([int(torch.argmax(w @ z[i])) == int(final_top1[i]) for i in range(n)])
-    assert torch.equal(top1_labels(z, None, w, final_top1, chunk=33), want)
+    def top1_labels(proj, chunk=4096):     # top1 labels are exit_metrics' agreement
+        states = _states({0: z}, final, final_top1, torch.full((n,), -1))
+        return exit_metrics(states, {0: proj}, w, with_kl=False, with_nll=False, chunk=chunk)[0].agree
+    assert torch.equal(top1_labels(None, chunk=33), want)
     proj = ExitProjection(weight=torch.eye(d) * 2, bias=torch.zeros(d))
-    assert torch.equal(top1_labels(z, proj, w, final_top1), want)        # argmax is scale-invariant
+    assert torch.equal(top1_labels(proj), want)        # argmax is scale-invariant
     cos = torch.tensor([float(z[i] @ final[i] / (z[i].norm() * final[i].norm())) for i in range(n)])
     assert torch.equal(cosine_labels(z, None, final, 0.98), cos > 0.98)
     assert cosine_labels(z, None, final, 0.98)[:80].all()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -178,9 +179,7 @@ def fit_projection(kind: str, z: torch.Tensor, states: "States", lm_w: torch.Ten
     idx = _sample(len(z), TEMPERATURE_SAMPLE, seed)
     w = lm_w.float()
     final_logp = torch.log_softmax(states.final[idx].float() @ w.T, -1)
-    proj.temperature = fit_temperature(proj.apply(z[idx]) @ w.T, final_logp)
-    proj.__post_init__()
-    return proj
+    return dataclasses.replace(proj, temperature=fit_temperature(proj.apply(z[idx]) @ w.T, final_logp))
 
 
 @dataclass
@@ -228,18 +227,6 @@ def exit_metrics(states: "States", projections: dict[int, ExitProjection | None]
     return {c: ExitMetrics(torch.cat([p[0] for p in parts[c]]),
                            torch.cat([p[1] for p in parts[c]]) if with_kl else None,
                            torch.cat([p[2] for p in parts[c]]), nll_final) for c in layers}
-
-
-@torch.no_grad()
-def top1_labels(z: torch.Tensor, proj, lm_head_weight: torch.Tensor, final_top1: torch.Tensor,
-                chunk: int = 4096) -> torch.Tensor:
-    """Does the exit's top-1 (router input -> exit projection -> LM head) equal the full model's?"""
-    out = []
-    w = lm_head_weight
-    for s in range(0, len(z), chunk):
-        h = apply_projection(z[s:s + chunk].to(w.dtype), proj)
-        out.append((h @ w.T).argmax(-1) == final_top1[s:s + chunk])
-    return torch.cat(out)
 
 
 def kl_labels(m: ExitMetrics, bound: float) -> torch.Tensor:
@@ -391,6 +378,14 @@ def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float
     return best
 
 
+def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, min_layer: int | None) -> dict:
+    """The "default" point (the calibration's targets) and every named preset, sharing evaluations."""
+    presets = {"default": choose_propagated(evaluate, layers, target, max_ppl, min_layer)}
+    for name, (agree, ppl) in PRESETS.items():
+        presets[name] = choose_propagated(evaluate, layers, agree, ppl, min_layer)
+    return presets
+
+
 # ----------------------------------------------------------------------------- driver
 
 @dataclass
@@ -409,16 +404,22 @@ class Collected:
     seconds: float
 
 
-def collect(cfg: CalibrationConfig) -> Collected:
-    cfg.validate()
+def _load_model(cfg: CalibrationConfig):
+    """(tokenizer, frozen model in the calibration dtype, that dtype)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    identity = model_identity(cfg.model)
     dtype = {"auto": torch.bfloat16 if cfg.device == "cpu" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    return tokenizer, model, dtype
+
+
+def collect(cfg: CalibrationConfig) -> Collected:
+    cfg.validate()
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    identity = model_identity(cfg.model)
+    tokenizer, model, dtype = _load_model(cfg)
     num_layers = model.config.num_hidden_layers
     layers = checkpoint_layers(num_layers, cfg.interval)
     if cfg.min_layer is not None and not 0 <= cfg.min_layer < num_layers:
@@ -467,8 +468,6 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                        "exit_kl_median": kl.median().item(), "_labels": y_val})
 
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
-    post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
-                           cfg.min_layer)
     propagated, evaluations, presets = None, [], {}
     if cfg.select_tokens > 0:
         evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
@@ -481,13 +480,13 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                 r = inner(t, m)
                 bar.update(int(fresh))
                 return r
-            propagated = choose_propagated(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer)
-            presets = {"default": propagated}
-            for name, (agree, ppl) in PRESETS.items():
-                presets[name] = choose_propagated(counted, layers, agree, ppl, cfg.min_layer)
+            presets = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer)
+            propagated = presets["default"]
         evaluations = list(evaluate.results.values())
         chosen = propagated
     else:
+        post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
+                               cfg.min_layer)
         chosen = None if post is None else {"threshold": post[0], "min_layer": post[1], **post[2]}
     if chosen is None:      # nothing meets the targets: exits stay off unless asked for
         threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
@@ -529,11 +528,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
 def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     """Compute the named presets for an existing checkpoint (propagated, on the validation split),
     reusing the propagated measurements it already stores."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     ckpt = RouterCheckpoint.load(path)
-    dtype = torch.bfloat16 if cfg.device == "cpu" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    tokenizer, model, _ = _load_model(cfg)
     _, val_seqs, _ = load_sequences(tokenizer, cfg)
     routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
     evaluate = PropagatedEval(model, _select_seqs(val_seqs, cfg.select_tokens), routers, ckpt.projections,
@@ -541,11 +537,8 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     for r in ckpt.extra.get("propagated_evaluations", []):
         evaluate.results[(r["threshold"], r["min_layer"])] = r
     targets = ckpt.extra.get("targets", {})
-    presets = {"default": choose_propagated(evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
-                                            targets.get("max_ppl_increase", cfg.max_ppl_increase), None)}
-    for name, (agree, ppl) in PRESETS.items():
-        presets[name] = choose_propagated(evaluate, ckpt.layers, agree, ppl, None)
-    ckpt.extra["presets"] = presets
+    ckpt.extra["presets"] = choose_presets(evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
+                                           targets.get("max_ppl_increase", cfg.max_ppl_increase), None)
     ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
     ckpt.save(path)
     print_report(ckpt)
@@ -591,23 +584,23 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--output", required=True, help="router checkpoint to write (.safetensors)")
     p.add_argument("--corpus", nargs="*", default=[], help="text files or folders (default: the fixed SOTU split)")
-    p.add_argument("--max-tokens", type=int, default=110_000)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--interval", type=int, default=4)
-    p.add_argument("--criterion", default="kl", choices=CRITERIA)
-    p.add_argument("--exit-projection", default="affine", choices=PROJECTIONS)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--bottleneck", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--kl-bound", type=float, default=0.1, help="nats, for --criterion kl")
+    p.add_argument("--max-tokens", type=int, default=CalibrationConfig.max_tokens)
+    p.add_argument("--seq-len", type=int, default=CalibrationConfig.seq_len)
+    p.add_argument("--interval", type=int, default=CalibrationConfig.interval)
+    p.add_argument("--criterion", default=CalibrationConfig.criterion, choices=CRITERIA)
+    p.add_argument("--exit-projection", default=CalibrationConfig.exit_projection, choices=PROJECTIONS)
+    p.add_argument("--device", default=CalibrationConfig.device, choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=CalibrationConfig.dtype, choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--bottleneck", type=int, default=CalibrationConfig.bottleneck)
+    p.add_argument("--epochs", type=int, default=CalibrationConfig.epochs)
+    p.add_argument("--kl-bound", type=float, default=CalibrationConfig.kl_bound, help="nats, for --criterion kl")
     p.add_argument("--affine-rank", type=int, default=None, help="low-rank affine projection (large models)")
-    p.add_argument("--target-agreement", type=float, default=0.98)
-    p.add_argument("--max-ppl-increase", type=float, default=0.02)
+    p.add_argument("--target-agreement", type=float, default=CalibrationConfig.target_agreement)
+    p.add_argument("--max-ppl-increase", type=float, default=CalibrationConfig.max_ppl_increase)
     p.add_argument("--min-layer", type=int, default=None)
-    p.add_argument("--select-tokens", type=int, default=4096,
+    p.add_argument("--select-tokens", type=int, default=CalibrationConfig.select_tokens,
                    help="validation tokens for the propagated choice of threshold and depth (0: post hoc)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=CalibrationConfig.seed)
     a = p.parse_args(argv)
     return CalibrationConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
 

@@ -186,10 +186,10 @@ class EarlyExitEngine:
         x = h.index_select(0, rows) + residual.index_select(0, rows)
         w1, b1, w2, b2 = self._routers[layer]
         active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
-        if thresholds is None:
-            _, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.threshold, active)
-        else:   # mixed per-request thresholds: score at the lowest, then hold each row to its own
-            score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, self.step_min, active)
+        # with per-request thresholds: score at the step's lowest, then hold each row to its own
+        bar = self.threshold if thresholds is None else self.step_min
+        score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, bar, active)
+        if thresholds is not None:
             fire = fire & (score > thresholds.index_select(0, rows))
         if self._tp is not None:     # every rank must take the same branch: rank 0's decision rules
             fire = self._tp.broadcast(fire.to(torch.uint8), src=0).bool()

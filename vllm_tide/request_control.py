@@ -71,7 +71,9 @@ def check_and_salt(processor, params, request) -> None:
     """Called on every EngineCoreRequest the front-end builds (after vLLM's own checks)."""
     from .settings import TideSettings
     extra = getattr(params, "extra_args", None)
-    tide_on = TideSettings.from_vllm_config(processor.vllm_config) is not None
+    tide_on = getattr(processor, "_tide_on", None)
+    if tide_on is None:         # the engine's settings do not change: parse them once per processor
+        tide_on = processor._tide_on = TideSettings.from_vllm_config(processor.vllm_config) is not None
     has_tide_args = bool(extra) and any(k.startswith("tide_") for k in extra)
     if not tide_on:
         if has_tide_args:
