@@ -4,8 +4,8 @@
     python benchmarks/speed.py --router outputs/router.safetensors                     # suggested threshold
 
 Two resident engines in two processes: stock (the plugin not loaded) and TIDE. Measurements alternate
-A B A B after a warm-up, with the same execution mode (eager) for both, and the median of --repeats
-is reported with the TIDE/stock ratio. Results are written as JSON with the machine description.
+A B A B after a warm-up, with the same execution mode for both (--execution: vLLM's default, compiled,
+or eager), and the median of --repeats is reported with the TIDE/stock ratio. Results are written as JSON with the machine description.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def worker(args) -> None:
     """Hold one engine; answer each stdin line (a mode) with one JSON line."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
-    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
+    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=args.execution == "eager", max_model_len=1024, block_size=32, seed=0,
               enable_prefix_caching=False)
     if args.worker == "tide":
         tide = {"router": args.router}
@@ -64,7 +64,7 @@ class Engine:
         if kind == "stock":
             env["VLLM_PLUGINS"] = "none-stock"       # stock vLLM: the TIDE plugin is not loaded
         cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--dtype", args.dtype,
-               "--router", args.router]
+               "--router", args.router, "--execution", args.execution]
         if args.threshold is not None:
             cmd += ["--threshold", str(args.threshold)]
         if args.min_layer is not None:
@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--execution", default="compiled", choices=["compiled", "eager"],
+                   help="compiled: vLLM's default (torch.compile); eager: enforce_eager=True, for both engines")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--control", action="store_true",
@@ -108,7 +110,7 @@ def main() -> None:
         return worker(args)
     engines = {"stock": Engine("stock", args), "tide": Engine("stock" if args.control else "tide", args)}
     results = {"control": args.control, "model": args.model, "router": args.router, "threshold": args.threshold, "min_layer": args.min_layer,
-               "dtype": args.dtype, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
+               "dtype": args.dtype, "execution": args.execution, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "python": platform.python_version()}, "modes": {}}
     try:

@@ -13,7 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 def main():
     from vllm import LLM, SamplingParams
     model, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    llm = LLM(model=model, dtype=os.environ.get("TIDE_TEST_DTYPE", "float32"), enforce_eager=True,
+    llm = LLM(model=model, dtype=os.environ.get("TIDE_TEST_DTYPE", "float32"), enforce_eager=os.environ.get("TIDE_TEST_EAGER", "1") == "1",
               max_model_len=1024, block_size=32, seed=0)
     assert not any("Tide" in name for name in llm.apply_model(lambda m: type(m).__name__))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)

@@ -177,6 +177,33 @@ def test_mixed_exits_with_each_exit_projection(tmp_path, projection):
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
 
 
+def test_compiled_layers_match_stock_and_reference(tmp_path):
+    """vLLM's default execution (torch.compile, which TIDE keeps): with exits that cannot fire the
+    tokens equal stock vLLM's compiled ones; forced mixed exits match the reference as in eager mode."""
+    from vllm import SamplingParams
+    from vllm_tide import exit_stats, reset_exit_stats
+    router = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, seed=6)
+    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+    os.environ["TIDE_TEST_EAGER"] = "0"
+    try:
+        want = stock_tokens(DEFAULT_MODEL, PROMPTS, 16)
+    finally:
+        del os.environ["TIDE_TEST_EAGER"]
+
+    def check(llm):
+        assert llm.apply_model(lambda m: m.tide.run_layers.compiled) == [True]
+        never = SamplingParams(temperature=0, max_tokens=16, extra_args={"tide_threshold": 1.0})
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, never, use_tqdm=False)] == want
+        assert list(llm.generate(PROMPTS[:1], never, use_tqdm=False)[0].outputs[0].token_ids) == want[0]
+        assert sum(exit_stats(llm)["exits_per_layer"].values()) == 0
+        reset_exit_stats(llm)
+        check_against_reference(llm, ref, PROMPTS, 6)
+        ex = exit_stats(llm)["exits_per_layer"]
+        assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enforce_eager=False)
+
+
 def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
     """With a 32-token budget the short prompt decodes while the long one is still prefilling (mixed
     prefill/decode steps), the long one is chunked, and the second pass reuses cached prefix blocks."""

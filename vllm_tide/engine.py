@@ -1,6 +1,8 @@
 """The early-exit mechanism, written once for every supported family.
 
-Per step, in eager mode:
+Per step (the control flow is eager Python; each full decoder layer goes through compiled_layers,
+compiled as stock vLLM compiles its model unless the engine runs with enforce_eager):
+- A step in which no token may exit (all its requests have exits off) is the stock forward itself.
 - Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer).
 - An exited token's residual stream x_e is frozen. In vLLM's fused-residual form it is kept as
   (hidden=0, residual=x_e), so each deeper layer's fused add+norm yields norm(x_e) for it.
@@ -23,6 +25,7 @@ from . import ops
 from .checkpoint import RouterCheckpoint
 from .request_control import OFF
 from .kv_cache import write_layers_kv
+from .compiled_layers import SegmentRunner
 from .stats import ExitCounters
 
 logger = logging.getLogger("vllm.tide")
@@ -101,17 +104,24 @@ class EarlyExitEngine:
         self._proj: dict = {}      # layer -> ExitProjection on the model's device
         self._kv: dict | None = None
         self._tp = None
+        self.run_layers = SegmentRunner()     # eager until prepare() is given the engine's compiled one
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
         self.step_min = threshold
 
     # ------------------------------------------------------------------ set-up after weights are loaded
-    def prepare(self, lm) -> None:
+    def prepare(self, lm, run_layers: SegmentRunner | None = None) -> None:
         from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
         # Under tensor parallelism the router sees the replicated hidden state on every rank; the
         # K/V fill uses each rank's own shard of the K/V heads (q_size/kv_size are per rank).
         self._tp = get_tp_group() if get_tensor_model_parallel_world_size() > 1 else None
         model = lm.model
+        if run_layers is not None:
+            self.run_layers = run_layers
+        # a step runs whole segments of layers up to the next routing checkpoint (or the last layer)
+        ends = sorted(c for c in self.layers if c < len(model.layers) - 1) + [len(model.layers) - 1]
+        self._segment_end = {0: ends[0], **{a + 1: b for a, b in zip(ends, ends[1:])}}
+        self._warm = False
         dev = model.norm.weight.device
         for c in self.layers:
             r = self.ckpt.routers[c]
@@ -143,32 +153,57 @@ class EarlyExitEngine:
     def forward(self, lm, input_ids, positions, inputs_embeds=None) -> torch.Tensor:
         model = lm.model
         real, n_real = _real_step()
-        if not real:  # profile and dummy runs: the stock path, uncounted
+        if not real:  # profile and dummy runs: the stock path, uncounted; they also compile the layers
+            if self.run_layers.compiled and not self._warm:
+                self._warm_up(model, input_ids, positions, inputs_embeds)
+            return model(input_ids, positions, None, inputs_embeds)
+        n = positions.shape[-1]
+        self.counters.tokens += n if n_real is None else n_real
+        thresholds, routing = self._step_thresholds(n)
+        if not routing:   # no token of this step may exit: stock vLLM's own forward, bit for bit
             return model(input_ids, positions, None, inputs_embeds)
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        n = h.shape[0]
-        self.counters.tokens += n if n_real is None else n_real
         residual = None
         exit_layer = None          # [N] int64, -1 while running; None until the first exit
         running = None             # row indices still running; None means all
         num_layers = len(model.layers)
-        thresholds, routing = self._step_thresholds(n)
-        for i, layer in enumerate(model.layers):
-            if running is None:
-                h, residual = layer(positions, h, residual)
+        i = 0
+        while i < num_layers:
+            score = None
+            if running is None:          # every token runs: the whole segment up to the next checkpoint
+                end = self._segment_end[i]
+                if self.run_layers.compiled and end in self._routers:   # its router scores in the same graph
+                    h, residual, score = self.run_layers(model.layers, i, end, positions, h, residual,
+                                                         (*self._norm, *self._routers[end]))
+                else:
+                    h, residual = self.run_layers(model.layers, i, end, positions, h, residual)
+                i = end
             elif running.numel() == 0:
                 self._fill_kv(model, residual, positions, i)
                 self.counters.skipped += n * (num_layers - i)
                 break
             else:
-                h, residual = self._partial_layer(layer, positions, h, residual, running)
+                h, residual = self._partial_layer(model.layers[i], positions, h, residual, running)
                 self.counters.partial += n - running.numel()
-            if routing and i in self._routers:
-                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds)
+            if i in self._routers:
+                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds, score)
+            i += 1
         out, _ = model.norm(h, residual)
         if exit_layer is not None:
             out = self._project_exits(out, exit_layer)
         return out
+
+    def _warm_up(self, model, input_ids, positions, inputs_embeds) -> None:
+        """Trace the compiled layer functions during vLLM's start-up dummy runs, not on the first request."""
+        h0 = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        for rows in (slice(None), slice(0, 1)):        # many tokens, then one (a separate graph)
+            h, residual, i = h0[rows], None, 0
+            while i < len(model.layers):
+                end = self._segment_end[i]
+                router = (*self._norm, *self._routers[end]) if end in self._routers else None
+                h, residual = self.run_layers(model.layers, i, end, positions[..., rows], h, residual, router)[:2]
+                i = end + 1
+        self._warm = True
 
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
@@ -179,16 +214,21 @@ class EarlyExitEngine:
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
         return thr[:n], self.step_min < OFF
 
-    def _route(self, layer, h, residual, exit_layer, running, thresholds=None):
-        """Score the running rows at checkpoint ``layer``; freeze the ones that exit."""
+    def _route(self, layer, h, residual, exit_layer, running, thresholds=None, score=None):
+        """Score the running rows at checkpoint ``layer`` (unless the compiled segment already did, for
+        all rows); freeze the ones that exit."""
         n = h.shape[0]
         rows = torch.arange(n, device=h.device) if running is None else running
-        x = h.index_select(0, rows) + residual.index_select(0, rows)
-        w1, b1, w2, b2 = self._routers[layer]
-        active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
         # with per-request thresholds: score at the step's lowest, then hold each row to its own
         bar = self.threshold if thresholds is None else self.step_min
-        score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, bar, active)
+        x = None
+        if score is None:
+            x = h.index_select(0, rows) + residual.index_select(0, rows)
+            w1, b1, w2, b2 = self._routers[layer]
+            active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
+            score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, bar, active)
+        else:
+            fire = score > bar
         if thresholds is not None:
             fire = fire & (score > thresholds.index_select(0, rows))
         if self._tp is not None:     # every rank must take the same branch: rank 0's decision rules
@@ -199,6 +239,8 @@ class EarlyExitEngine:
             return h, residual, exit_layer, running
         order_exited = order[k:]
         exited = rows.index_select(0, order_exited)
+        if x is None:
+            x = h.index_select(0, rows) + residual.index_select(0, rows)
         if exit_layer is None:
             exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
         exit_layer[exited] = layer

@@ -13,6 +13,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .checkpoint import RouterCheckpoint
+from .compiled_layers import SegmentRunner
 from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from .plugin import patch_worker
 from .settings import TideSettings
@@ -34,13 +35,14 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             threshold, min_layer = settings.resolve(ckpt)
             self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter)
             self.tide_counters = self.tide.counters
+            self.tide_vllm_config = vllm_config
             patch_worker()
             logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
                         base.__name__, settings.router, threshold, min_layer, self.tide.layers)
 
         def load_weights(self, weights):
             loaded = super().load_weights(weights)
-            self.tide.prepare(self)
+            self.tide.prepare(self, SegmentRunner.for_engine(self.tide_vllm_config))
             return loaded
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):

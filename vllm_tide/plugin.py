@@ -71,7 +71,7 @@ def tide_config_from_args(args) -> dict | None:
 # ----------------------------------------------------------------------------- front-end checks
 
 def check_request(engine_args) -> None:
-    """Validate a TIDE request against the model's files and settings; set eager execution."""
+    """Validate a TIDE request against the model's files and settings; turn CUDA graphs off."""
     from .checkpoint import RouterCheckpoint
     from .fingerprint import model_identity, resolve_model_dir
     from .settings import TideSettings
@@ -99,11 +99,27 @@ def check_request(engine_args) -> None:
     ckpt = RouterCheckpoint.load(settings.router)
     ckpt.check_model(identity, settings.router)
     threshold, min_layer = settings.resolve(ckpt)
-    if not engine_args.enforce_eager:
-        logger.warning("TIDE: per-token early exit branches on exits at every checkpoint, so the model runs "
-                       "eagerly (enforce_eager=True: no torch.compile or CUDA graphs).")
-        engine_args.enforce_eager = True
+    _no_cuda_graphs(engine_args)
     logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router, threshold, min_layer)
+
+
+def _no_cuda_graphs(engine_args) -> None:
+    """A CUDA graph would freeze one path through TIDE's exit branches, so graphs are turned off.
+
+    torch.compile stays as the user set it: each decoder layer runs compiled (see compiled_layers).
+    """
+    from vllm.config import CompilationConfig, CUDAGraphMode
+    if engine_args.enforce_eager:
+        return
+    cc = engine_args.compilation_config
+    if isinstance(cc, dict):
+        cc = engine_args.compilation_config = CompilationConfig(**cc)
+    if cc.cudagraph_mode != CUDAGraphMode.NONE:
+        from vllm.platforms import current_platform
+        if current_platform.is_cuda_alike():
+            logger.warning("TIDE: CUDA graphs are off (per-token exits branch at every checkpoint); "
+                           "decoder layers still run torch.compiled.")
+        cc.cudagraph_mode = CUDAGraphMode.NONE
 
 
 def _quantized(model_dir: str) -> bool:
