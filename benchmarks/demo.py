@@ -25,19 +25,21 @@ PROMPTS = [
 
 def generate(args, tide: dict | None) -> dict:
     from vllm import LLM, SamplingParams
-    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=1024, block_size=32, seed=0)
+    # vLLM's default execution (torch.compile) for both engines: what a user runs
+    kw = dict(model=args.model, dtype=args.dtype, max_model_len=1024, block_size=32, seed=0)
     if tide is not None:
         kw["additional_config"] = {"tide": tide}
     llm = LLM(**kw)
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    chat = [[{"role": "user", "content": p}] for p in PROMPTS]     # an instruct model: its chat template
+    llm.chat(chat[:1], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
     out = {"texts": [], "seconds": 0.0, "tokens": 0}
     if tide is not None:
         from vllm_tide import reset_exit_stats
         reset_exit_stats(llm)
-    for p in PROMPTS:        # batch 1, the latency case
+    for messages in chat:    # batch 1, the latency case
         t0 = time.perf_counter()
-        o = llm.generate([p], sp, use_tqdm=False)[0].outputs[0]
+        o = llm.chat([messages], sp, use_tqdm=False)[0].outputs[0]
         out["seconds"] += time.perf_counter() - t0
         out["tokens"] += len(o.token_ids)
         out["texts"].append(o.text)

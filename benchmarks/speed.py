@@ -59,12 +59,12 @@ def worker(args) -> None:
 
 
 class Engine:
-    def __init__(self, kind: str, args):
+    def __init__(self, kind: str, args, execution: str):
         env = dict(os.environ)
         if kind == "stock":
             env["VLLM_PLUGINS"] = "none-stock"       # stock vLLM: the TIDE plugin is not loaded
         cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--dtype", args.dtype,
-               "--router", args.router, "--execution", args.execution]
+               "--router", args.router, "--execution", execution]
         if args.threshold is not None:
             cmd += ["--threshold", str(args.threshold)]
         if args.min_layer is not None:
@@ -104,12 +104,15 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--control", action="store_true",
                    help="A/A control: run stock in both slots to measure the noise floor of the ratio")
+    p.add_argument("--control-eager", action="store_true",
+                   help="stock (--execution) against stock with enforce_eager=True: what eager execution costs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    engines = {"stock": Engine("stock", args), "tide": Engine("stock" if args.control else "tide", args)}
-    results = {"control": args.control, "model": args.model, "router": args.router, "threshold": args.threshold, "min_layer": args.min_layer,
+    second = ("stock", "eager") if args.control_eager else ("stock" if args.control else "tide", args.execution)
+    engines = {"stock": Engine("stock", args, args.execution), "tide": Engine(second[0], args, second[1])}
+    results = {"control": args.control, "control_eager": args.control_eager, "model": args.model, "router": args.router, "threshold": args.threshold, "min_layer": args.min_layer,
                "dtype": args.dtype, "execution": args.execution, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "python": platform.python_version()}, "modes": {}}
