@@ -146,6 +146,12 @@ def best_variant(args, runs: dict) -> str:
     return max(args.variants, key=lambda v: (score[v][1], score[v][0], score[v][2]))
 
 
+def speed_key(args, r: dict) -> str:
+    """Cached speed runs are eager against eager; compiled runs get their own key, so the two never mix."""
+    key = f"speed|{r['variant']}|{r['threshold']}|{r['min_layer']}"
+    return key if args.execution == "eager" else key + "|compiled"
+
+
 def stage_test(args, runs: dict) -> dict:
     """The chosen presets on the test split (full size) and their speed against stock."""
     chosen = choose(dev_points(runs))
@@ -154,12 +160,13 @@ def stage_test(args, runs: dict) -> dict:
         if r is None:
             continue
         measure(args, runs, r["variant"], r["threshold"], r["min_layer"], "test", True)
-        key = f"speed|{r['variant']}|{r['threshold']}|{r['min_layer']}"
+        key = speed_key(args, r)
         if key not in runs:
             out = os.path.join(ROOT, "benchmarks", "results", f"speed_preset_{name}.json")
             cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--model", args.model,
                    "--router", variant_path(args.routers, r["variant"]), "--threshold", str(r["threshold"]),
-                   "--min-layer", str(r["min_layer"]), "--repeats", str(args.speed_repeats), "--json", out]
+                   "--min-layer", str(r["min_layer"]), "--repeats", str(args.speed_repeats), "--json", out,
+                   "--execution", args.execution]
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 runs[key] = json.load(f)
@@ -179,7 +186,7 @@ def stage_report(args, runs: dict) -> None:
     points = dev_points(runs)
     chosen = choose(points)
     test = {n: runs.get(f"{r['variant']}|{r['threshold']}|{r['min_layer']}|test|full") for n, r in chosen.items() if r}
-    speed = {n: runs.get(f"speed|{r['variant']}|{r['threshold']}|{r['min_layer']}") for n, r in chosen.items() if r}
+    speed = {n: runs.get(speed_key(args, r)) for n, r in chosen.items() if r}
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     for v in args.variants:
@@ -288,6 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dev-tokens", type=int, default=4096)
     p.add_argument("--dev-prompts", type=int, default=50)
     p.add_argument("--speed-repeats", type=int, default=5)
+    p.add_argument("--execution", default="eager", choices=["eager", "compiled"],
+                   help="speed runs' execution mode for both engines (the cached runs are eager)")
     p.add_argument("--stages", nargs="*", default=["calibrate", "dev", "test", "report"])
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="report folder")
     return p.parse_args(argv)
