@@ -32,18 +32,14 @@ def _run_segment(layers, positions, h, residual):
 def _run_segment_scored(layers, positions, h, residual, router):
     """The segment, then its end checkpoint's router score for every row, in the same graph.
 
-    On CPU the score is the dispatch layer's PyTorch twin written inline so inductor fuses it; with
-    the CUDA library loaded it is the fused CUDA op.
+    With the CUDA library loaded the score is the fused CUDA op; elsewhere it is the op's PyTorch twin
+    traced into the graph, so inductor fuses it with the segment's end.
     """
     for layer in layers:
         h, residual = layer(positions, h, residual)
-    norm_w, eps, w1, b1, w2, b2 = router
     x = h + residual
-    if x.is_cuda and CUDA_LIBRARY:
-        score = torch.ops.tide.router_score(x, norm_w, eps, w1, b1, w2, b2, 2.0, x.new_ones(x.shape[0], dtype=torch.bool))[0]
-    else:
-        z = reference.rms_norm(x, norm_w, eps).float()
-        score = torch.sigmoid(torch.nn.functional.silu(z @ w1.t() + b1) @ w2 + b2)
+    args = (x, *router, 2.0, x.new_ones(x.shape[0], dtype=torch.bool))    # threshold 2.0: scores only
+    score = torch.ops.tide.router_score(*args)[0] if x.is_cuda and CUDA_LIBRARY else reference.router_score(*args)[0]
     return h, residual, score
 
 
@@ -58,7 +54,7 @@ class SegmentRunner:
         self._backend = backend
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
-        self._fns: dict[tuple[int, int], tuple] = {}     # (start, end) -> (compiled fn, layers, traced)
+        self._fns: dict[tuple, tuple] = {}     # (start, end, scored) -> (compiled fn, layers, traced)
 
     @classmethod
     def for_engine(cls, vllm_config) -> "SegmentRunner":
