@@ -66,8 +66,9 @@ def xargs(threshold) -> dict | None:
 def stock_worker(args) -> None:
     from vllm import LLM, SamplingParams
     reqs = json.loads(sys.stdin.read())
+    # the server's execution mode (vLLM's default, compiled): exits-off answers must equal it exactly
     llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, block_size=32, seed=0,
-              enforce_eager=True, gpu_memory_utilization=0.5)
+              gpu_memory_utilization=0.5)
     outs = llm.generate([r["prompt"] for r in reqs],
                         [SamplingParams(temperature=0, max_tokens=r["max_tokens"]) for r in reqs], use_tqdm=False)
     print("JSON" + json.dumps([o.outputs[0].text for o in outs]))
