@@ -13,14 +13,11 @@ else is re-checked per call.
 """
 from __future__ import annotations
 
-import logging
 import types
 
 import torch
 
 from .ops import CUDA_LIBRARY, reference
-
-logger = logging.getLogger("vllm.tide")
 
 
 def _run_segment(layers, positions, h, residual):
@@ -54,7 +51,7 @@ class SegmentRunner:
         self._backend = backend
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
-        self._fns: dict[tuple, tuple] = {}     # (start, end, scored) -> (compiled fn, layers, traced)
+        self._fns: dict[tuple, list] = {}     # (start, end, scored) -> [eager fn, compiled fn, layers, traced]
 
     @classmethod
     def for_engine(cls, vllm_config) -> "SegmentRunner":
@@ -67,10 +64,9 @@ class SegmentRunner:
         return cls(backend, cc.inductor_compile_config if backend == "inductor" else None)
 
     def __call__(self, layers, start: int, end: int, positions, h, residual, router=None):
+        args = (positions, h, residual) if router is None else (positions, h, residual, router)
         if not self.compiled:
-            for layer in layers[start:end + 1]:
-                h, residual = layer(positions, h, residual)
-            return h, residual
+            return _run_segment(layers[start:end + 1], *args)
         key = (start, end, router is not None)
         if key not in self._fns:
             # a fresh code object per segment: dynamo caches graphs per code object
@@ -78,15 +74,14 @@ class SegmentRunner:
             code = base.__code__.replace(co_name=f"tide_layers_{start}_{end}")
             fn = types.FunctionType(code, base.__globals__, code.co_name)
             compiled = torch.compile(fn, backend=self._backend, options=self._options, fullgraph=True)
-            self._fns[key] = (compiled, tuple(layers[start:end + 1]), False)
-        compiled, seg, traced = self._fns[key]
+            self._fns[key] = [base, compiled, tuple(layers[start:end + 1]), False]
+        entry = self._fns[key]
+        base, compiled, seg, traced = entry
         if not traced:
             if h.shape[0] < 2:   # trace at >= 2 tokens (a 1 would be specialised); until then run eagerly
-                return _run_segment(seg, positions, h, residual) if router is None else \
-                    _run_segment_scored(seg, positions, h, residual, router)
+                return base(seg, *args)
             for t in (positions, h, residual):
                 if t is not None:
                     torch._dynamo.mark_dynamic(t, t.dim() - 1 if t is positions else 0)
-            self._fns[key] = (compiled, seg, True)
-        return compiled(seg, positions, h, residual) if router is None else \
-            compiled(seg, positions, h, residual, router)
+            entry[3] = True
+        return compiled(seg, *args)

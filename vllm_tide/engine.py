@@ -1,7 +1,7 @@
 """The early-exit mechanism, written once for every supported family.
 
-Per step (the control flow is eager Python; each full decoder layer goes through compiled_layers,
-compiled as stock vLLM compiles its model unless the engine runs with enforce_eager):
+Per step (the control flow is eager Python; runs of full layers between checkpoints go through
+compiled_layers, compiled as stock vLLM compiles its model unless the engine runs with enforce_eager):
 - A step in which no token may exit (all its requests have exits off) is the stock forward itself.
 - Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer).
 - An exited token's residual stream x_e is frozen. In vLLM's fused-residual form it is kept as
@@ -171,13 +171,7 @@ class EarlyExitEngine:
         while i < num_layers:
             score = None
             if running is None:          # every token runs: the whole segment up to the next checkpoint
-                end = self._segment_end[i]
-                if self.run_layers.compiled and end in self._routers:   # its router scores in the same graph
-                    h, residual, score = self.run_layers(model.layers, i, end, positions, h, residual,
-                                                         (*self._norm, *self._routers[end]))
-                else:
-                    h, residual = self.run_layers(model.layers, i, end, positions, h, residual)
-                i = end
+                i, h, residual, score = self._segment(model, i, positions, h, residual)
             elif running.numel() == 0:
                 self._fill_kv(model, residual, positions, i)
                 self.counters.skipped += n * (num_layers - i)
@@ -199,11 +193,22 @@ class EarlyExitEngine:
         for rows in (slice(None), slice(0, 1)):        # many tokens, then one (a separate graph)
             h, residual, i = h0[rows], None, 0
             while i < len(model.layers):
-                end = self._segment_end[i]
-                router = (*self._norm, *self._routers[end]) if end in self._routers else None
-                h, residual = self.run_layers(model.layers, i, end, positions[..., rows], h, residual, router)[:2]
+                end, h, residual, _ = self._segment(model, i, positions[..., rows], h, residual)
                 i = end + 1
         self._warm = True
+
+    def _segment(self, model, start, positions, h, residual):
+        """Run layers start..end, end being the next routing checkpoint or the last layer.
+
+        Returns (end, h, residual, score at end or None); compiled, the end's router scores all rows
+        in the segment's graph, eagerly _route scores them.
+        """
+        end = self._segment_end[start]
+        if self.run_layers.compiled and end in self._routers:
+            h, residual, score = self.run_layers(model.layers, start, end, positions, h, residual,
+                                                 (*self._norm, *self._routers[end]))
+            return end, h, residual, score
+        return (end, *self.run_layers(model.layers, start, end, positions, h, residual), None)
 
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""

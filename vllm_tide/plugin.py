@@ -106,7 +106,7 @@ def check_request(engine_args) -> None:
 def _no_cuda_graphs(engine_args) -> None:
     """A CUDA graph would freeze one path through TIDE's exit branches, so graphs are turned off.
 
-    torch.compile stays as the user set it: each decoder layer runs compiled (see compiled_layers).
+    torch.compile stays as the user set it: runs of layers between checkpoints are compiled (compiled_layers).
     """
     from vllm.config import CompilationConfig, CUDAGraphMode
     if engine_args.enforce_eager:
