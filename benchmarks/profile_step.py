@@ -2,10 +2,11 @@
 
     python benchmarks/profile_step.py --router outputs/router.safetensors --threshold 1.0
 
-Runs one engine in this process (eager, batch 1 by default), wraps the decoder layers and the
-early-exit engine's routing and K/V fill with wall-clock timers, decodes --tokens tokens, and prints
-milliseconds per step for each part. Timers add a little overhead of their own; the split between
-parts, not the absolute total, is the point.
+Runs one engine in this process (batch 1 by default; vLLM's default compiled execution unless
+--execution eager), wraps the full-layer segments between checkpoints, the routers, the partial layers
+and the K/V fill with wall-clock timers, decodes --tokens tokens, and prints milliseconds per step for
+each part. Timers add a little overhead of their own; the split between parts, not the absolute total,
+is the point.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--execution", default="compiled", choices=["compiled", "eager"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from vllm import LLM, SamplingParams
@@ -44,17 +46,16 @@ def main() -> None:
         tide["threshold"] = args.threshold
     if args.min_layer is not None:
         tide["min_layer"] = args.min_layer
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=1024, block_size=32, seed=0,
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=args.execution == "eager", max_model_len=1024, block_size=32, seed=0,
               enable_prefix_caching=False, additional_config={"tide": tide})
     times: dict = defaultdict(float)
 
     def instrument(model):
         engine = model.tide
-        for i, layer in enumerate(model.model.layers):
-            layer.forward = timed(times, "decoder layers (full)", layer.forward)
-        engine._route = timed(times, "routers (score + compaction + freeze)", engine._route)
-        engine._partial_layer = timed(times, "partial layers (attention all rows, rest running rows)",
-                                      engine._partial_layer)
+        engine._segment = timed(times, "full layers (segments between checkpoints)", engine._segment)
+        engine._route = timed(times, "routers (exit decision, compaction, freeze)", engine._route)
+        engine.run_layers.partial = timed(times, "partial layers (attention all rows, rest running rows)",
+                                          engine.run_layers.partial)
         engine._fill_kv = timed(times, "K/V fill of skipped layers", engine._fill_kv)
         model.forward = timed(times, "model forward (total)", model.forward)
         return True

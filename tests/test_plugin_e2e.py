@@ -193,6 +193,8 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
 
     def check(llm):
         assert llm.apply_model(lambda m: m.tide.run_layers.compiled) == [True]
+        at_start_up = len(compiled)
+        assert "tide_partial_layer" in compiled and any(n.startswith("tide_layers_") for n in compiled), compiled
         never = SamplingParams(temperature=0, max_tokens=16, extra_args={"tide_threshold": 1.0})
         assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, never, use_tqdm=False)] == want
         assert list(llm.generate(PROMPTS[:1], never, use_tqdm=False)[0].outputs[0].token_ids) == want[0]
@@ -201,7 +203,15 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex
-    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enforce_eager=False)
+        # TIDE's functions were traced during start-up and are called through their bytecode: no request,
+        # at any token count (1 included), compiles or recompiles one
+        assert [name for name in compiled[at_start_up:] if name.startswith("tide_")] == []
+    compiled = []       # names of the functions dynamo compiles in this process, in order
+    hook = torch._dynamo.convert_frame.register_bytecode_hook(lambda old, new: compiled.append(old.co_name))
+    try:
+        with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enforce_eager=False)
+    finally:
+        hook.remove()
 
 
 def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):

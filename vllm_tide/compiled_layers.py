@@ -1,15 +1,17 @@
 """Decoder layers run through torch.compile, as stock vLLM runs them, under TIDE's eager control flow.
 
-Stock vLLM compiles the whole model forward (on CPU: dynamo + inductor, traced once, guards dropped).
-TIDE's forward branches on exits at every checkpoint, so it cannot be one graph. Instead the layers
-between two routing checkpoints form a segment, and each segment is one compiled graph: the layer
-loop between routers costs one call instead of one Python module call per layer and op.
+Stock vLLM compiles the whole model forward (on CPU: dynamo + inductor, traced once with the token
+dimension dynamic, guards dropped) and afterwards calls dynamo's transformed bytecode directly, so a
+step never pays for dynamo's frame evaluation. TIDE's forward branches on exits at every checkpoint,
+so it cannot be one graph. Instead it runs two kinds of compiled functions, each compiled that way
+(traced once, during start-up, at sizes >= 2 with the token dimensions dynamic, a 1 being
+specialised otherwise; then called through the captured bytecode for every size, 1 included):
 
-Each segment gets its own code object, so its graph is cached apart from the others; parameters and
-the attention layers' names are graph inputs. Guards are dropped as vLLM drops them for its own graph,
-except the shape guards dynamo always keeps: a graph is traced at a token count >= 2 with the token
-dimension dynamic, and a single-token step gets its own graph (the 0/1 specialisation), so nothing
-else is re-checked per call.
+- a segment: the full layers between two routing checkpoints, plus the end checkpoint's router score;
+  each segment has its own code object, so its graph and bytecode are its own;
+- the partial layer: one layer after some tokens exited (attention over all rows, the rest over the
+  running rows). A model's decoder layers are alike and their parameters and attention-layer names
+  are graph inputs, so one graph serves every layer.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import types
 
 import torch
 
+from . import ops
 from .ops import CUDA_LIBRARY, reference
 
 
@@ -40,18 +43,32 @@ def _run_segment_scored(layers, positions, h, residual, router):
     return h, residual, score
 
 
-class SegmentRunner:
-    """``runner(layers, start, end, positions, h, residual[, router])`` runs layers start..end (inclusive).
+def _run_partial_layer(layer, adapter, positions, h, residual, running):
+    """One layer with only the ``running`` rows continuing: the attention block runs over all rows (so
+    exited rows write this layer's K/V from their frozen state), the output projection, MLP and
+    residual update over the running rows only; exited rows keep (hidden=0, residual=frozen)."""
+    h, residual = layer.input_layernorm(h, residual)
+    attn_out = adapter.attention_core(layer.self_attn, positions, h)
+    a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
+    a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
+    a = layer.mlp(a)
+    h_new = torch.zeros_like(h)
+    ops.scatter_rows(h_new, running, a)
+    ops.scatter_rows(residual, running, r)
+    return h_new, residual
 
-    With ``router`` (compiled only) it also returns the router score at ``end``.
-    """
+
+class SegmentRunner:
+    """Runs segments (``runner(layers, start, end, positions, h, residual[, router])``, layers start..end
+    inclusive, with ``router`` also the score at ``end``) and partial layers (``runner.partial(...)``),
+    compiled or eagerly."""
 
     def __init__(self, backend: str | None = None, options: dict | None = None):
         self.compiled = backend is not None
         self._backend = backend
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
-        self._fns: dict[tuple, list] = {}     # (start, end, scored) -> [eager fn, compiled fn, layers, traced]
+        self._fns: dict = {}
 
     @classmethod
     def for_engine(cls, vllm_config) -> "SegmentRunner":
@@ -69,19 +86,63 @@ class SegmentRunner:
             return _run_segment(layers[start:end + 1], *args)
         key = (start, end, router is not None)
         if key not in self._fns:
-            # a fresh code object per segment: dynamo caches graphs per code object
-            base = _run_segment if router is None else _run_segment_scored
-            code = base.__code__.replace(co_name=f"tide_layers_{start}_{end}")
-            fn = types.FunctionType(code, base.__globals__, code.co_name)
-            compiled = torch.compile(fn, backend=self._backend, options=self._options, fullgraph=True)
-            self._fns[key] = [base, compiled, tuple(layers[start:end + 1]), False]
-        entry = self._fns[key]
-        base, compiled, seg, traced = entry
-        if not traced:
-            if h.shape[0] < 2:   # trace at >= 2 tokens (a 1 would be specialised); until then run eagerly
-                return base(seg, *args)
-            for t in (positions, h, residual):
-                if t is not None:
-                    torch._dynamo.mark_dynamic(t, t.dim() - 1 if t is positions else 0)
-            entry[3] = True
-        return compiled(seg, *args)
+            self._fns[key] = _CompiledFn(_run_segment if router is None else _run_segment_scored,
+                                         f"tide_layers_{start}_{end}", self._backend, self._options)
+        return self._fns[key](tuple(layers[start:end + 1]), *args)
+
+    def partial(self, layer, adapter, positions, h, residual, running):
+        """One layer for the running rows only (see _run_partial_layer)."""
+        if not self.compiled:
+            return _run_partial_layer(layer, adapter, positions, h, residual, running)
+        if "partial" not in self._fns:
+            self._fns["partial"] = _CompiledFn(_run_partial_layer, "tide_partial_layer", self._backend,
+                                               self._options, num_static=2)
+        return self._fns["partial"](layer, adapter, positions, h, residual, running)
+
+    @property
+    def traced(self) -> bool:
+        """Whether every compiled function made so far has its bytecode (start-up traces them all)."""
+        return bool(self._fns) and all(fn.direct is not None for fn in self._fns.values())
+
+
+class _CompiledFn:
+    """A function compiled once, then called through dynamo's transformed bytecode.
+
+    The first ``num_static`` arguments are modules and helpers; the tensors after them have their
+    first dimension (the last, for positions) dynamic. Until traced, it runs eagerly.
+    """
+
+    def __init__(self, base, name: str, backend: str, options: dict, num_static: int = 1):
+        # a fresh code object: dynamo caches graphs (and we capture bytecode) per code object
+        self.code = base.__code__.replace(co_name=name)
+        self.eager = base
+        self.num_static = num_static
+        self.compiled = torch.compile(types.FunctionType(self.code, base.__globals__, name),
+                                      backend=backend, options=options, fullgraph=True)
+        self.direct = None      # the transformed bytecode as a plain function, once traced
+
+    def __call__(self, *args):
+        if self.direct is not None:
+            return self.direct(*args)
+        tensors = [t for t in args[self.num_static:] if isinstance(t, torch.Tensor)]
+        sizes = [t.shape[-1] if t.dim() == 1 else t.shape[0] for t in tensors]
+        if min(sizes) < 2:      # a size of 1 would be specialised: run eagerly until a larger call traces
+            return self.eager(*args)
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, t.dim() - 1 if t.dim() == 1 else 0)
+        captured = []
+
+        def hook(old_code, new_code):
+            if old_code is self.code:
+                captured.append(new_code)
+
+        handle = torch._dynamo.convert_frame.register_bytecode_hook(hook)
+        try:
+            out = self.compiled(*args)
+        finally:
+            handle.remove()
+        if captured:
+            # dynamo put the compiled graph into the globals the code runs in; guards are dropped, so
+            # the bytecode is valid for every later call (sizes included), as in stock vLLM
+            self.direct = types.FunctionType(captured[-1], self.eager.__globals__, self.code.co_name)
+        return out

@@ -121,7 +121,6 @@ class EarlyExitEngine:
         # a step runs whole segments of layers up to the next routing checkpoint (or the last layer)
         ends = sorted(c for c in self.layers if c < len(model.layers) - 1) + [len(model.layers) - 1]
         self._segment_end = {0: ends[0], **{a + 1: b for a, b in zip(ends, ends[1:])}}
-        self._warm = False
         dev = model.norm.weight.device
         for c in self.layers:
             r = self.ckpt.routers[c]
@@ -154,7 +153,7 @@ class EarlyExitEngine:
         model = lm.model
         real, n_real = _real_step()
         if not real:  # profile and dummy runs: the stock path, uncounted; they also compile the layers
-            if self.run_layers.compiled and not self._warm:
+            if self.run_layers.compiled and not self.run_layers.traced and positions.shape[-1] >= 2:
                 self._warm_up(model, input_ids, positions, inputs_embeds)
             return model(input_ids, positions, None, inputs_embeds)
         n = positions.shape[-1]
@@ -177,7 +176,7 @@ class EarlyExitEngine:
                 self.counters.skipped += n * (num_layers - i)
                 break
             else:
-                h, residual = self._partial_layer(model.layers[i], positions, h, residual, running)
+                h, residual = self.run_layers.partial(model.layers[i], self.adapter, positions, h, residual, running)
                 self.counters.partial += n - running.numel()
             if i in self._routers:
                 h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds, score)
@@ -188,14 +187,15 @@ class EarlyExitEngine:
         return out
 
     def _warm_up(self, model, input_ids, positions, inputs_embeds) -> None:
-        """Trace the compiled layer functions during vLLM's start-up dummy runs, not on the first request."""
-        h0 = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        for rows in (slice(None), slice(0, 1)):        # many tokens, then one (a separate graph)
-            h, residual, i = h0[rows], None, 0
-            while i < len(model.layers):
-                end, h, residual, _ = self._segment(model, i, positions[..., rows], h, residual)
-                i = end + 1
-        self._warm = True
+        """Trace every compiled function during vLLM's start-up dummy runs, not on the first request."""
+        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        residual, i = None, 0
+        while i < len(model.layers):
+            end, h, residual, _ = self._segment(model, i, positions, h, residual)
+            i = end + 1
+        if h.shape[0] > 2:   # two running rows or more: neither size is specialised nor are they unified
+            running = torch.arange(2, device=h.device)
+            self.run_layers.partial(model.layers[-1], self.adapter, positions, h, residual, running)
 
     def _segment(self, model, start, positions, h, residual):
         """Run layers start..end, end being the next routing checkpoint or the last layer.
@@ -223,25 +223,26 @@ class EarlyExitEngine:
         """Score the running rows at checkpoint ``layer`` (unless the compiled segment already did, for
         all rows); freeze the ones that exit."""
         n = h.shape[0]
-        rows = torch.arange(n, device=h.device) if running is None else running
         # with per-request thresholds: score at the step's lowest, then hold each row to its own
         bar = self.threshold if thresholds is None else self.step_min
         x = None
         if score is None:
-            x = h.index_select(0, rows) + residual.index_select(0, rows)
+            x = h + residual if running is None else h.index_select(0, running) + residual.index_select(0, running)
             w1, b1, w2, b2 = self._routers[layer]
-            active = torch.ones(rows.numel(), dtype=torch.bool, device=h.device)
+            active = torch.ones(x.shape[0], dtype=torch.bool, device=h.device)
             score, fire = ops.router_score(x, self._norm[0], self._norm[1], w1, b1, w2, b2, bar, active)
         else:
             fire = score > bar
         if thresholds is not None:
-            fire = fire & (score > thresholds.index_select(0, rows))
+            fire = fire & (score > (thresholds if running is None else thresholds.index_select(0, running)))
         if self._tp is not None:     # every rank must take the same branch: rank 0's decision rules
             fire = self._tp.broadcast(fire.to(torch.uint8), src=0).bool()
-        order, num_running = ops.compact(fire)
-        k = int(num_running.item())     # the one host sync per checkpoint: the layer loop branches on it
-        if k == rows.numel():
+        num_exits = int(fire.sum())     # the one host sync per checkpoint: the layer loop branches on it
+        if num_exits == 0:
             return h, residual, exit_layer, running
+        order, _ = ops.compact(fire)
+        k = fire.shape[0] - num_exits
+        rows = torch.arange(n, device=h.device) if running is None else running
         order_exited = order[k:]
         exited = rows.index_select(0, order_exited)
         if x is None:
@@ -249,22 +250,11 @@ class EarlyExitEngine:
         if exit_layer is None:
             exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
         exit_layer[exited] = layer
-        self.counters.exits[layer] += exited.numel()
+        self.counters.exits[layer] += num_exits
         # freeze as (hidden, residual) = (0, x_e), so later fused add+norms give norm(x_e)
         ops.scatter_rows(residual, exited, x.index_select(0, order_exited))
-        ops.scatter_rows(h, exited, torch.zeros(exited.numel(), h.shape[1], dtype=h.dtype, device=h.device))
+        ops.scatter_rows(h, exited, torch.zeros(num_exits, h.shape[1], dtype=h.dtype, device=h.device))
         return h, residual, exit_layer, rows.index_select(0, order[:k])
-
-    def _partial_layer(self, layer, positions, h, residual, running):
-        h, residual = layer.input_layernorm(h, residual)
-        attn_out = self.adapter.attention_core(layer.self_attn, positions, h)
-        a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
-        a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
-        a = layer.mlp(a)
-        h_new = torch.zeros_like(h)
-        ops.scatter_rows(h_new, running, a)
-        ops.scatter_rows(residual, running, r)
-        return h_new, residual
 
     def _fill_kv(self, model, frozen: torch.Tensor, positions: torch.Tensor, start: int) -> None:
         """Every token has exited: write layers start.. K/V from the frozen states, nothing else."""
