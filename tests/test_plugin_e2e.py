@@ -203,6 +203,7 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex
+        assert exit_stats(llm)["partial_layer_fraction"] > 0     # the compiled partial-layer graph ran
         # TIDE's functions were traced during start-up and are called through their bytecode: no request,
         # at any token count (1 included), compiles or recompiles one
         assert [name for name in compiled[at_start_up:] if name.startswith("tide_")] == []

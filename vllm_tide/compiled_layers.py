@@ -10,8 +10,10 @@ specialised otherwise; then called through the captured bytecode for every size,
 - a segment: the full layers between two routing checkpoints, plus the end checkpoint's router score;
   each segment has its own code object, so its graph and bytecode are its own;
 - the partial layer: one layer after some tokens exited (attention over all rows, the rest over the
-  running rows). A model's decoder layers are alike and their parameters and attention-layer names
-  are graph inputs, so one graph serves every layer.
+  running rows). A model's decoder layers are alike, and their parameters and (with vLLM's opaque
+  LayerName, the default on torch >= 2.11) attention-layer names are graph inputs, so one graph
+  serves every layer; where layer names are plain strings they are baked into the graph, and each
+  layer gets its own.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class SegmentRunner:
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
         self._fns: dict = {}
+        self.shared_partial = _layer_names_are_graph_inputs()
 
     @classmethod
     def for_engine(cls, vllm_config) -> "SegmentRunner":
@@ -90,19 +93,29 @@ class SegmentRunner:
                                          f"tide_layers_{start}_{end}", self._backend, self._options)
         return self._fns[key](tuple(layers[start:end + 1]), *args)
 
-    def partial(self, layer, adapter, positions, h, residual, running):
-        """One layer for the running rows only (see _run_partial_layer)."""
+    def partial(self, index: int, layer, adapter, positions, h, residual, running):
+        """Layer ``index`` for the running rows only (see _run_partial_layer)."""
         if not self.compiled:
             return _run_partial_layer(layer, adapter, positions, h, residual, running)
-        if "partial" not in self._fns:
-            self._fns["partial"] = _CompiledFn(_run_partial_layer, "tide_partial_layer", self._backend,
-                                               self._options, num_static=2)
-        return self._fns["partial"](layer, adapter, positions, h, residual, running)
+        key = "partial" if self.shared_partial else ("partial", index)
+        if key not in self._fns:
+            name = "tide_partial_layer" if self.shared_partial else f"tide_partial_layer_{index}"
+            self._fns[key] = _CompiledFn(_run_partial_layer, name, self._backend, self._options, num_static=2)
+        return self._fns[key](layer, adapter, positions, h, residual, running)
 
     @property
     def traced(self) -> bool:
         """Whether every compiled function made so far has its bytecode (start-up traces them all)."""
         return bool(self._fns) and all(fn.direct is not None for fn in self._fns.values())
+
+
+def _layer_names_are_graph_inputs() -> bool:
+    """Whether vLLM passes attention-layer names to its ops as opaque graph inputs (not constants)."""
+    try:
+        from vllm.utils import torch_utils
+    except ImportError:
+        return False
+    return bool(getattr(torch_utils, "_USE_LAYERNAME", False))
 
 
 class _CompiledFn:

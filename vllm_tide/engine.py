@@ -176,7 +176,8 @@ class EarlyExitEngine:
                 self.counters.skipped += n * (num_layers - i)
                 break
             else:
-                h, residual = self.run_layers.partial(model.layers[i], self.adapter, positions, h, residual, running)
+                h, residual = self.run_layers.partial(i, model.layers[i], self.adapter, positions, h, residual,
+                                                      running)
                 self.counters.partial += n - running.numel()
             if i in self._routers:
                 h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds, score)
@@ -195,7 +196,12 @@ class EarlyExitEngine:
             i = end + 1
         if h.shape[0] > 2:   # two running rows or more: neither size is specialised nor are they unified
             running = torch.arange(2, device=h.device)
-            self.run_layers.partial(model.layers[-1], self.adapter, positions, h, residual, running)
+            # every layer after the first checkpoint can be partial (a shared graph serves them all)
+            first = min(self._routers, default=len(model.layers)) + 1
+            for j in range(first, len(model.layers)):
+                self.run_layers.partial(j, model.layers[j], self.adapter, positions, h, residual, running)
+                if self.run_layers.shared_partial:
+                    break
 
     def _segment(self, model, start, positions, h, residual):
         """Run layers start..end, end being the next routing checkpoint or the last layer.

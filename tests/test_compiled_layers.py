@@ -1,0 +1,132 @@
+"""The compiled functions (vllm_tide/compiled_layers.py) against their eager definitions, without vLLM:
+traced once at >= 2 rows, then called through the captured bytecode at any row count (1 included)
+without compiling again, and partial layers compiled per layer where layers differ in constants."""
+import pytest
+import torch
+
+from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_segment
+
+D = 16
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(D) + 0.5)
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            x, residual = x + residual, x + residual
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return y if residual is None else (y, residual)
+
+
+class _Proj(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.lin(x), None
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.o_proj = _Proj()
+        self.scale = scale          # a Python constant: a graph bakes it in, like a string layer name
+
+    def core(self, positions, x):
+        return torch.tanh(x * self.scale + positions[:, None].float())
+
+
+class _Layer(torch.nn.Module):
+    """The decoder-layer interface TIDE uses: layer(positions, h, residual) and its parts."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = _Norm(), _Norm()
+        self.self_attn = _Attn(scale)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), torch.nn.SiLU(), torch.nn.Linear(2 * D, D))
+
+    def forward(self, positions, h, residual):
+        h, residual = (self.input_layernorm(h), h) if residual is None else self.input_layernorm(h, residual)
+        a, _ = self.self_attn.o_proj(self.self_attn.core(positions, h))
+        a, residual = self.post_attention_layernorm(a, residual)
+        return self.mlp(a), residual
+
+
+class _Adapter:
+    def attention_core(self, attn, positions, normed):
+        return attn.core(positions, normed)
+
+
+@pytest.fixture
+def compiles():
+    names = []
+    hook = torch._dynamo.convert_frame.register_bytecode_hook(lambda old, new: names.append(old.co_name))
+    yield names
+    hook.remove()
+
+
+def _rows(n, gen):
+    return (torch.arange(n) + 3, torch.randn(n, D, generator=gen), torch.randn(n, D, generator=gen))
+
+
+@torch.no_grad()
+def test_segment_traced_once_then_matches_eager_at_every_size(compiles):
+    torch.manual_seed(0)
+    layers = [_Layer(0.5 + i) for i in range(4)]
+    runner, gen = SegmentRunner("eager"), torch.Generator().manual_seed(1)
+    positions, h, residual = _rows(1, gen)
+    out = runner(layers, 1, 3, positions, h, residual)          # 1 row before tracing: eager
+    assert not runner.traced and compiles == []
+    torch.testing.assert_close(out, _run_segment(layers[1:4], positions, h, residual), rtol=0, atol=0)
+    for n in (5, 1, 2, 33):                                      # traced at 5, then bytecode at every size
+        positions, h, residual = _rows(n, gen)
+        want = _run_segment(layers[1:4], positions, h.clone(), residual.clone())
+        got = runner(layers, 1, 3, positions, h, residual)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert runner.traced and compiles == ["tide_layers_1_3"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shared", [False, True])
+def test_partial_layers_per_layer_unless_shared(compiles, shared):
+    """Layers that differ in a Python constant need a graph each: per layer every one matches its
+    eager definition; one shared graph bakes in the first layer's constant and is wrong for the other
+    (why sharing is only used when vLLM passes layer names as graph inputs)."""
+    torch.manual_seed(0)
+    layers = [_Layer(0.5), _Layer(2.0)]
+    runner, gen, adapter = SegmentRunner("eager"), torch.Generator().manual_seed(2), _Adapter()
+    runner.shared_partial = shared
+    running = torch.tensor([0, 2, 3])
+    results = []
+    for i, layer in enumerate(layers):
+        positions, h, residual = _rows(6, gen)
+        want = _run_partial_layer(layer, adapter, positions, h.clone(), residual.clone(), running)
+        got = runner.partial(i, layer, adapter, positions, h, residual, running)
+        results.append(all(torch.allclose(g, w, rtol=1e-6, atol=1e-6) for g, w in zip(got, want)))
+        assert torch.equal(got[0][[1, 4, 5]], torch.zeros(3, D))   # rows not running: hidden 0
+    assert results == ([True, False] if shared else [True, True])
+    assert compiles == (["tide_partial_layer"] if shared else ["tide_partial_layer_0", "tide_partial_layer_1"])
+    for n, k in ((1, 1), (9, 4)):                     # then bytecode for other sizes, no compile
+        positions, h, residual = _rows(n, gen)
+        running = torch.arange(k)
+        want = _run_partial_layer(layers[0], adapter, positions, h.clone(), residual.clone(), running)
+        torch.testing.assert_close(runner.partial(0, layers[0], adapter, positions, h, residual, running), want,
+                                   rtol=1e-6, atol=1e-6)
+    assert len(compiles) == (1 if shared else 2)
+
+
+@torch.no_grad()
+def test_segment_with_inductor_matches_eager():
+    """The backend vLLM uses on CPU: inductor's code for a segment equals eager within fp32 rounding."""
+    torch.manual_seed(0)
+    layers = [_Layer(1.0), _Layer(1.5)]
+    runner, gen = SegmentRunner("inductor"), torch.Generator().manual_seed(3)
+    for n in (4, 1, 17):
+        positions, h, residual = _rows(n, gen)
+        want = _run_segment(layers, positions, h.clone(), residual.clone())
+        torch.testing.assert_close(runner(layers, 0, 1, positions, h, residual), want, rtol=1e-5, atol=1e-5)
+    assert runner.traced
