@@ -1,7 +1,8 @@
 """The early-exit mechanism, written once for every supported family.
 
-Per step (the control flow is eager Python; runs of full layers between checkpoints go through
-compiled_layers, compiled as stock vLLM compiles its model unless the engine runs with enforce_eager):
+Per step (the control flow is eager Python; runs of full layers between checkpoints and partial layers
+go through compiled_layers, compiled as stock vLLM compiles its model unless the engine runs with
+enforce_eager):
 - A step in which no token may exit (all its requests have exits off) is the stock forward itself.
 - Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer).
 - An exited token's residual stream x_e is frozen. In vLLM's fused-residual form it is kept as
