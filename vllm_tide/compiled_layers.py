@@ -37,8 +37,7 @@ def _run_segment_scored(layers, positions, h, residual, router):
     With the CUDA library loaded the score is the fused CUDA op; elsewhere it is the op's PyTorch twin
     traced into the graph, so inductor fuses it with the segment's end.
     """
-    for layer in layers:
-        h, residual = layer(positions, h, residual)
+    h, residual = _run_segment(layers, positions, h, residual)
     x = h + residual
     args = (x, *router, 2.0, x.new_ones(x.shape[0], dtype=torch.bool))    # threshold 2.0: scores only
     score = torch.ops.tide.router_score(*args)[0] if x.is_cuda and CUDA_LIBRARY else reference.router_score(*args)[0]
@@ -121,8 +120,8 @@ def _layer_names_are_graph_inputs() -> bool:
 class _CompiledFn:
     """A function compiled once, then called through dynamo's transformed bytecode.
 
-    The first ``num_static`` arguments are modules and helpers; the tensors after them have their
-    first dimension (the last, for positions) dynamic. Until traced, it runs eagerly.
+    The first ``num_static`` arguments are modules and helpers, then come positions (token dimension
+    last) and the other per-row tensors (token dimension first). Until traced, it runs eagerly.
     """
 
     def __init__(self, base, name: str, backend: str, options: dict, num_static: int = 1):
@@ -137,12 +136,12 @@ class _CompiledFn:
     def __call__(self, *args):
         if self.direct is not None:
             return self.direct(*args)
-        tensors = [t for t in args[self.num_static:] if isinstance(t, torch.Tensor)]
-        sizes = [t.shape[-1] if t.dim() == 1 else t.shape[0] for t in tensors]
-        if min(sizes) < 2:      # a size of 1 would be specialised: run eagerly until a larger call traces
+        positions, *rest = args[self.num_static:]
+        dynamic = [(positions, positions.dim() - 1)] + [(t, 0) for t in rest if isinstance(t, torch.Tensor)]
+        if min(t.shape[d] for t, d in dynamic) < 2:   # a 1 would be specialised: eager until a larger call
             return self.eager(*args)
-        for t in tensors:
-            torch._dynamo.mark_dynamic(t, t.dim() - 1 if t.dim() == 1 else 0)
+        for t, d in dynamic:
+            torch._dynamo.mark_dynamic(t, d)
         captured = []
 
         def hook(old_code, new_code):

@@ -94,7 +94,8 @@ def _real_step() -> tuple[bool, int | None]:
 
 
 class EarlyExitEngine:
-    def __init__(self, ckpt: RouterCheckpoint, threshold: float, min_layer: int, adapter: DecoderAdapter):
+    def __init__(self, ckpt: RouterCheckpoint, threshold: float, min_layer: int, adapter: DecoderAdapter,
+                 run_layers: SegmentRunner | None = None):
         self.ckpt = ckpt
         self.threshold = threshold
         self.min_layer = min_layer
@@ -105,20 +106,18 @@ class EarlyExitEngine:
         self._proj: dict = {}      # layer -> ExitProjection on the model's device
         self._kv: dict | None = None
         self._tp = None
-        self.run_layers = SegmentRunner()     # eager until prepare() is given the engine's compiled one
+        self.run_layers = run_layers or SegmentRunner()     # compiled as the engine compiles, or eager
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
         self.step_min = threshold
 
     # ------------------------------------------------------------------ set-up after weights are loaded
-    def prepare(self, lm, run_layers: SegmentRunner | None = None) -> None:
+    def prepare(self, lm) -> None:
         from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
         # Under tensor parallelism the router sees the replicated hidden state on every rank; the
         # K/V fill uses each rank's own shard of the K/V heads (q_size/kv_size are per rank).
         self._tp = get_tp_group() if get_tensor_model_parallel_world_size() > 1 else None
         model = lm.model
-        if run_layers is not None:
-            self.run_layers = run_layers
         # a step runs whole segments of layers up to the next routing checkpoint (or the last layer)
         ends = sorted(c for c in self.layers if c < len(model.layers) - 1) + [len(model.layers) - 1]
         self._segment_end = {0: ends[0], **{a + 1: b for a, b in zip(ends, ends[1:])}}
@@ -154,7 +153,7 @@ class EarlyExitEngine:
         model = lm.model
         real, n_real = _real_step()
         if not real:  # profile and dummy runs: the stock path, uncounted; they also compile the layers
-            if self.run_layers.compiled and not self.run_layers.traced and positions.shape[-1] >= 2:
+            if self.run_layers.compiled and not self.run_layers.traced and positions.shape[-1] > 2:
                 self._warm_up(model, input_ids, positions, inputs_embeds)
             return model(input_ids, positions, None, inputs_embeds)
         n = positions.shape[-1]
@@ -195,14 +194,14 @@ class EarlyExitEngine:
         while i < len(model.layers):
             end, h, residual, _ = self._segment(model, i, positions, h, residual)
             i = end + 1
-        if h.shape[0] > 2:   # two running rows or more: neither size is specialised nor are they unified
-            running = torch.arange(2, device=h.device)
-            # every layer after the first checkpoint can be partial (a shared graph serves them all)
-            first = min(self._routers, default=len(model.layers)) + 1
-            for j in range(first, len(model.layers)):
-                self.run_layers.partial(j, model.layers[j], self.adapter, positions, h, residual, running)
-                if self.run_layers.shared_partial:
-                    break
+        # 2 running rows out of more than 2: neither size is specialised (a 1 would be) nor unified
+        running = torch.arange(2, device=h.device)
+        # every layer after the first checkpoint can be partial (a shared graph serves them all)
+        first = min(self._routers, default=len(model.layers)) + 1
+        for j in range(first, len(model.layers)):
+            self.run_layers.partial(j, model.layers[j], self.adapter, positions, h, residual, running)
+            if self.run_layers.shared_partial:
+                break
 
     def _segment(self, model, start, positions, h, residual):
         """Run layers start..end, end being the next routing checkpoint or the last layer.
@@ -232,7 +231,6 @@ class EarlyExitEngine:
         n = h.shape[0]
         # with per-request thresholds: score at the step's lowest, then hold each row to its own
         bar = self.threshold if thresholds is None else self.step_min
-        x = None
         if score is None:
             x = h + residual if running is None else h.index_select(0, running) + residual.index_select(0, running)
             w1, b1, w2, b2 = self._routers[layer]
@@ -252,14 +250,12 @@ class EarlyExitEngine:
         rows = torch.arange(n, device=h.device) if running is None else running
         order_exited = order[k:]
         exited = rows.index_select(0, order_exited)
-        if x is None:
-            x = h.index_select(0, rows) + residual.index_select(0, rows)
         if exit_layer is None:
             exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
         exit_layer[exited] = layer
         self.counters.exits[layer] += num_exits
         # freeze as (hidden, residual) = (0, x_e), so later fused add+norms give norm(x_e)
-        ops.scatter_rows(residual, exited, x.index_select(0, order_exited))
+        ops.scatter_rows(residual, exited, h.index_select(0, exited) + residual.index_select(0, exited))
         ops.scatter_rows(h, exited, torch.zeros(num_exits, h.shape[1], dtype=h.dtype, device=h.device))
         return h, residual, exit_layer, rows.index_select(0, order[:k])
 

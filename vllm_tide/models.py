@@ -33,16 +33,15 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             settings = TideSettings.from_vllm_config(vllm_config)
             ckpt = RouterCheckpoint.load(settings.router)   # loaded once: the file may go away later
             threshold, min_layer = settings.resolve(ckpt)
-            self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter)
+            self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter, SegmentRunner.for_engine(vllm_config))
             self.tide_counters = self.tide.counters
-            self.tide_vllm_config = vllm_config
             patch_worker()
             logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
                         base.__name__, settings.router, threshold, min_layer, self.tide.layers)
 
         def load_weights(self, weights):
             loaded = super().load_weights(weights)
-            self.tide.prepare(self, SegmentRunner.for_engine(self.tide_vllm_config))
+            self.tide.prepare(self)
             return loaded
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
