@@ -53,6 +53,7 @@ def main() -> None:
     def instrument(model):
         engine = model.tide
         engine._segment = timed(times, "full layers (segments between checkpoints)", engine._segment)
+        engine._final_segment = timed(times, "full layers (segments between checkpoints)", engine._final_segment)
         engine._route = timed(times, "routers (exit decision, compaction, freeze)", engine._route)
         engine.run_layers.partial = timed(times, "partial layers (attention all rows, rest running rows)",
                                           engine.run_layers.partial)

@@ -49,6 +49,19 @@ def test_speed_benchmark_smoke(tmp_path):
     assert m["skipped_layer_fraction"] == pytest.approx(14 / 30)     # every token exits at 15
 
 
+@pytest.mark.e2e
+@requires_engine
+def test_forward_overhead_benchmark_smoke(tmp_path):
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    res = tmp_path / "f.json"
+    run("forward_overhead.py", "--model", DEFAULT_MODEL, "--router", router, "--threshold", "1.0", "--tokens", "4",
+        "--repeats", "2", "--execution", "eager", "--json", str(res))
+    r = json.loads(res.read_text())
+    assert r["steps"] == 8          # both forwards timed on every real step: 4 tokens (prefill included) x 2
+    assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
+
+
 def test_frontier_choice_and_report(tmp_path):
     """The frontier's preset choice follows the bars on dev figures, and the report writes its JSON,
     table and plots (fabricated figures; the measurements themselves are the benchmark's job)."""

@@ -130,3 +130,18 @@ def test_segment_with_inductor_matches_eager():
         want = _run_segment(layers, positions, h.clone(), residual.clone())
         torch.testing.assert_close(runner(layers, 0, 1, positions, h, residual), want, rtol=1e-5, atol=1e-5)
     assert runner.traced
+
+
+@torch.no_grad()
+def test_final_segment_includes_the_final_norm(compiles):
+    """The last segment with the model's final norm in its graph returns norm(h + residual), at any size."""
+    torch.manual_seed(0)
+    layers, norm = [_Layer(0.7), _Layer(1.3)], _Norm()
+    runner, gen = SegmentRunner("eager"), torch.Generator().manual_seed(4)
+    for n in (3, 1, 12):
+        positions, h, residual = _rows(n, gen)
+        want = norm(*_run_segment(layers, positions, h.clone(), residual.clone()))[0]
+        got = runner(layers, 0, 1, positions, h, residual, final_norm=norm)
+        assert got.shape == (n, D)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert compiles == ["tide_layers_0_1_final"]

@@ -31,6 +31,12 @@ def _run_segment(layers, positions, h, residual):
     return h, residual
 
 
+def _run_segment_final(layers, positions, h, residual, norm):
+    """The last segment, then the model's final norm, in the same graph (as in stock's compiled forward)."""
+    h, residual = _run_segment(layers, positions, h, residual)
+    return norm(h, residual)[0]
+
+
 def _run_segment_scored(layers, positions, h, residual, router):
     """The segment, then its end checkpoint's router score for every row, in the same graph.
 
@@ -60,9 +66,13 @@ def _run_partial_layer(layer, adapter, positions, h, residual, running):
 
 
 class SegmentRunner:
-    """Runs segments (``runner(layers, start, end, positions, h, residual[, router])``, layers start..end
-    inclusive, with ``router`` also the score at ``end``) and partial layers (``runner.partial(...)``),
-    compiled or eagerly."""
+    """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm])``, layers
+    start..end inclusive, with ``router`` also the score at ``end``, with ``final_norm`` the normed output
+    instead of (h, residual)) and partial layers (``runner.partial(...)``), compiled or eagerly.
+
+    A runner serves one model: each segment's layers are sliced once (slicing a ModuleList builds a new
+    module, which is not free on every step).
+    """
 
     def __init__(self, backend: str | None = None, options: dict | None = None):
         self.compiled = backend is not None
@@ -70,6 +80,7 @@ class SegmentRunner:
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
         self._fns: dict = {}
+        self._slices: dict = {}
         self.shared_partial = _layer_names_are_graph_inputs()
 
     @classmethod
@@ -82,15 +93,20 @@ class SegmentRunner:
         backend = cc.backend if cc.backend in ("eager", "aot_eager") else "inductor"
         return cls(backend, cc.inductor_compile_config if backend == "inductor" else None)
 
-    def __call__(self, layers, start: int, end: int, positions, h, residual, router=None):
-        args = (positions, h, residual) if router is None else (positions, h, residual, router)
+    def __call__(self, layers, start: int, end: int, positions, h, residual, router=None, final_norm=None):
+        if (start, end) not in self._slices:
+            self._slices[start, end] = tuple(layers[start:end + 1])
+        layers = self._slices[start, end]
+        kind, base, extra = ((("scored", _run_segment_scored, (router,)) if router is not None else
+                              ("final", _run_segment_final, (final_norm,)) if final_norm is not None else
+                              ("plain", _run_segment, ())))
         if not self.compiled:
-            return _run_segment(layers[start:end + 1], *args)
-        key = (start, end, router is not None)
+            return base(layers, positions, h, residual, *extra)
+        key = (start, end, kind)
         if key not in self._fns:
-            self._fns[key] = _CompiledFn(_run_segment if router is None else _run_segment_scored,
-                                         f"tide_layers_{start}_{end}", self._backend, self._options)
-        return self._fns[key](tuple(layers[start:end + 1]), *args)
+            self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}" + ("" if kind == "plain" else f"_{kind}"),
+                                         self._backend, self._options)
+        return self._fns[key](layers, positions, h, residual, *extra)
 
     def partial(self, index: int, layer, adapter, positions, h, residual, running):
         """Layer ``index`` for the running rows only (see _run_partial_layer)."""

@@ -169,6 +169,9 @@ class EarlyExitEngine:
         i = 0
         while i < num_layers:
             score = None
+            if running is None and self._segment_end[i] == num_layers - 1:
+                # no token exited: the rest of the stack and the final norm in one call, as stock runs them
+                return self._final_segment(model, i, positions, h, residual)
             if running is None:          # every token runs: the whole segment up to the next checkpoint
                 i, h, residual, score = self._segment(model, i, positions, h, residual)
             elif running.numel() == 0:
@@ -191,9 +194,10 @@ class EarlyExitEngine:
         """Trace every compiled function during vLLM's start-up dummy runs, not on the first request."""
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         residual, i = None, 0
-        while i < len(model.layers):
+        while self._segment_end[i] < len(model.layers) - 1:
             end, h, residual, _ = self._segment(model, i, positions, h, residual)
             i = end + 1
+        self._final_segment(model, i, positions, h, residual)
         # 2 running rows out of more than 2: neither size is specialised (a 1 would be) nor unified
         running = torch.arange(2, device=h.device)
         # every layer after the first checkpoint can be partial (a shared graph serves them all)
@@ -215,6 +219,11 @@ class EarlyExitEngine:
                                                  (*self._norm, *self._routers[end]))
             return end, h, residual, score
         return (end, *self.run_layers(model.layers, start, end, positions, h, residual), None)
+
+    def _final_segment(self, model, start, positions, h, residual) -> torch.Tensor:
+        """Layers start..last and the final norm (every token ran them all): the step's hidden output."""
+        return self.run_layers(model.layers, start, len(model.layers) - 1, positions, h, residual,
+                               final_norm=model.norm)
 
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
