@@ -19,15 +19,20 @@ def run(script, *args):
     return out.stdout
 
 
+def run_with_router(tmp_path, script, fire_at, *args, seed=0):
+    """Run a benchmark script on the default model with a synthetic router; its JSON result."""
+    router, res = str(tmp_path / "r.safetensors"), tmp_path / "result.json"
+    synthetic_router(DEFAULT_MODEL, router, fire_at, seed=seed)
+    run(script, "--model", DEFAULT_MODEL, "--router", router, *args, "--json", str(res))
+    return json.loads(res.read_text())
+
+
 @pytest.mark.e2e
 @requires_engine
 def test_quality_benchmark_smoke(tmp_path):
-    router = str(tmp_path / "r.safetensors")
-    synthetic_router(DEFAULT_MODEL, router, {27: "some"}, seed=2)
-    res = tmp_path / "q.json"
-    run("quality.py", "--model", DEFAULT_MODEL, "--router", router, "--split", "dev", "--tokens", "300",
-        "--chunk", "128", "--gen-prompts", "3", "--gen-tokens", "6", "--thresholds", "0.5", "1.0", "--json", str(res))
-    rows = {r["threshold"]: r for r in json.loads(res.read_text())["rows"]}
+    result = run_with_router(tmp_path, "quality.py", {27: "some"}, "--split", "dev", "--tokens", "300", "--chunk", "128",
+                             "--gen-prompts", "3", "--gen-tokens", "6", "--thresholds", "0.5", "1.0", seed=2)
+    rows = {r["threshold"]: r for r in result["rows"]}
     off = rows[1.0]
     assert off["top1_agreement"] == 1.0 and off["ppl_ratio"] == pytest.approx(1.0, abs=1e-9)
     assert off["gen_exact_match"] == 1.0 and off["text_partial_layer_fraction"] == 0.0
@@ -39,12 +44,8 @@ def test_quality_benchmark_smoke(tmp_path):
 @pytest.mark.e2e
 @requires_engine
 def test_speed_benchmark_smoke(tmp_path):
-    router = str(tmp_path / "r.safetensors")
-    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
-    res = tmp_path / "s.json"
-    run("speed.py", "--model", DEFAULT_MODEL, "--router", router, "--threshold", "0.5", "--repeats", "1",
-        "--modes", "decode_b1", "--json", str(res))
-    m = json.loads(res.read_text())["modes"]["decode_b1"]
+    m = run_with_router(tmp_path, "speed.py", {15: "all"}, "--threshold", "0.5", "--repeats", "1",
+                        "--modes", "decode_b1")["modes"]["decode_b1"]
     assert m["stock_tok_s"] > 0 and m["tide_tok_s"] > 0 and m["ratio"] > 0
     assert m["skipped_layer_fraction"] == pytest.approx(14 / 30)     # every token exits at 15
 
@@ -52,12 +53,8 @@ def test_speed_benchmark_smoke(tmp_path):
 @pytest.mark.e2e
 @requires_engine
 def test_forward_overhead_benchmark_smoke(tmp_path):
-    router = str(tmp_path / "r.safetensors")
-    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
-    res = tmp_path / "f.json"
-    run("forward_overhead.py", "--model", DEFAULT_MODEL, "--router", router, "--threshold", "1.0", "--tokens", "4",
-        "--repeats", "2", "--execution", "eager", "--json", str(res))
-    r = json.loads(res.read_text())
+    r = run_with_router(tmp_path, "forward_overhead.py", {15: "all"}, "--threshold", "1.0", "--tokens", "4",
+                        "--repeats", "2", "--execution", "eager")
     assert r["steps"] == 8          # both forwards timed on every real step: 4 tokens (prefill included) x 2
     assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
 

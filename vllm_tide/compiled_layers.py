@@ -97,15 +97,17 @@ class SegmentRunner:
         if (start, end) not in self._slices:
             self._slices[start, end] = tuple(layers[start:end + 1])
         layers = self._slices[start, end]
-        kind, base, extra = ((("scored", _run_segment_scored, (router,)) if router is not None else
-                              ("final", _run_segment_final, (final_norm,)) if final_norm is not None else
-                              ("plain", _run_segment, ())))
+        if router is not None:
+            base, extra, suffix = _run_segment_scored, (router,), "_scored"
+        elif final_norm is not None:
+            base, extra, suffix = _run_segment_final, (final_norm,), "_final"
+        else:
+            base, extra, suffix = _run_segment, (), ""
         if not self.compiled:
             return base(layers, positions, h, residual, *extra)
-        key = (start, end, kind)
+        key = (start, end, suffix)
         if key not in self._fns:
-            self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}" + ("" if kind == "plain" else f"_{kind}"),
-                                         self._backend, self._options)
+            self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}{suffix}", self._backend, self._options)
         return self._fns[key](layers, positions, h, residual, *extra)
 
     def partial(self, index: int, layer, adapter, positions, h, residual, running):

@@ -169,10 +169,10 @@ class EarlyExitEngine:
         i = 0
         while i < num_layers:
             score = None
-            if running is None and self._segment_end[i] == num_layers - 1:
-                # no token exited: the rest of the stack and the final norm in one call, as stock runs them
-                return self._final_segment(model, i, positions, h, residual)
             if running is None:          # every token runs: the whole segment up to the next checkpoint
+                if self._segment_end[i] == num_layers - 1:
+                    # none exited: the rest of the stack and the final norm in one call, as stock runs them
+                    return self._final_segment(model, i, positions, h, residual)
                 i, h, residual, score = self._segment(model, i, positions, h, residual)
             elif running.numel() == 0:
                 self._fill_kv(model, residual, positions, i)
