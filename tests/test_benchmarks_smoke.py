@@ -59,6 +59,21 @@ def test_forward_overhead_benchmark_smoke(tmp_path):
     assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
 
 
+def test_ops_benchmark_smoke(tmp_path):
+    """ops_bench.py runs only in the rare device session (scripts/gpu_check.sh), so its code is run here,
+    on CPU at tiny shapes (twin against twin), where a bug cannot waste that session."""
+    res = tmp_path / "ops.json"
+    out = run("ops_bench.py", "--smoke", "--json", str(res))
+    r = json.loads(res.read_text())
+    ops = ("router_score", "compact", "kv_project", "kv_cache_write")
+    assert [(e["op"], e["tokens"]) for e in r["rows"]] == [(op, n) for n in (1, 33) for op in ops]
+    times = ("cuda_call_ms", "twin_call_ms", "cuda_device_ms", "twin_device_ms")
+    assert all(e[t] > 0 for e in r["rows"] for t in times)
+    assert all(0 < e["fraction_of_copy"] for e in r["rows"] if e["op"] == "kv_cache_write")
+    assert r["goals"]["router_min_speedup_call"] == min(e["speedup_call"] for e in r["rows"] if e["op"] == "router_score")
+    assert "goal: router_score" in out
+
+
 def test_frontier_choice_and_report(tmp_path):
     """The frontier's preset choice follows the bars on dev figures, and the report writes its JSON,
     table and plots (fabricated figures; the measurements themselves are the benchmark's job)."""
