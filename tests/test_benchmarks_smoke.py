@@ -59,11 +59,19 @@ def test_forward_overhead_benchmark_smoke(tmp_path):
     assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
 
 
+# The GPU machine has no vLLM: these runs make any import of it fail, as it would there.
+WITHOUT_VLLM = "import sys, runpy; sys.modules['vllm'] = None; sys.argv = sys.argv[1:]; "
+
+
 def test_ops_benchmark_smoke(tmp_path):
     """ops_bench.py runs only in the rare device session (scripts/gpu_check.sh), so its code is run here,
-    on CPU at tiny shapes (twin against twin), where a bug cannot waste that session."""
+    on CPU at tiny shapes (twin against twin) and without vLLM, where a bug cannot waste that session."""
     res = tmp_path / "ops.json"
-    out = run("ops_bench.py", "--smoke", "--json", str(res))
+    script = os.path.join(ROOT, "benchmarks", "ops_bench.py")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_VLLM + "runpy.run_path(sys.argv[0], run_name='__main__')",
+                           script, "--smoke", "--json", str(res)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     r = json.loads(res.read_text())
     ops = ("router_score", "compact", "kv_project", "kv_cache_write")
     assert [(e["op"], e["tokens"]) for e in r["rows"]] == [(op, n) for n in (1, 33) for op in ops]
@@ -72,6 +80,16 @@ def test_ops_benchmark_smoke(tmp_path):
     assert all(0 < e["fraction_of_copy"] for e in r["rows"] if e["op"] == "kv_cache_write")
     assert r["goals"]["router_min_speedup_call"] == min(e["speedup_call"] for e in r["rows"] if e["op"] == "router_score")
     assert "goal: router_score" in out
+
+
+def test_gpu_op_tests_collect_without_vllm():
+    """scripts/gpu_check.sh runs `pytest tests/test_ops.py -k cuda` on a machine without vLLM."""
+    code = WITHOUT_VLLM + ("import pytest; sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', "
+                           "'-k', 'cuda', 'tests/test_ops.py']))")
+    proc = subprocess.run([sys.executable, "-c", code, "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = int(proc.stdout.split(" tests collected")[0].split()[-1].split("/")[0])
+    assert collected >= 100, proc.stdout[-500:]
 
 
 def test_frontier_choice_and_report(tmp_path):
