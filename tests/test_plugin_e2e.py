@@ -284,6 +284,31 @@ def test_bad_inputs_fail_at_start_up_with_one_line(tmp_path, tiny_models):
         assert text in str(e.value) and "\n" not in str(e.value)
 
 
+@requires_engine
+def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
+    """Where Triton exists (CUDA machines) vLLM 0.32 defaults to Model Runner V2, which TIDE's per-request
+    hook does not reach. Emulated here by telling vLLM's config that Triton exists."""
+    import vllm.config.vllm as vllm_config_module
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_tide import TideConfigError
+    from vllm_tide.plugin import register
+    register()
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    config = lambda tide: EngineArgs(model=DEFAULT_MODEL, max_model_len=512,   # noqa: E731
+                                     additional_config={"tide": tide} if tide else {}).create_engine_config()
+    assert config(None).use_v2_model_runner                    # stock's default there
+    assert not config({"router": router}).use_v2_model_runner
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"       # inherited by the worker processes
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(TideConfigError, match="V1 model runner") as e:
+        config({"router": router})
+    assert "\n" not in str(e.value)
+
+
 def test_disabled_means_stock_class(tmp_path):
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {15: "all"})

@@ -70,17 +70,18 @@ def tide_config_from_args(args) -> dict | None:
 
 # ----------------------------------------------------------------------------- front-end checks
 
-def check_request(engine_args) -> None:
-    """Validate a TIDE request against the model's files and settings; turn CUDA graphs off."""
+def check_request(engine_args) -> bool:
+    """Validate a TIDE request against the model's files and settings; turn CUDA graphs off and pin the
+    V1 model runner. Returns whether TIDE is on."""
     from .checkpoint import RouterCheckpoint
     from .fingerprint import model_identity, resolve_model_dir
     from .settings import TideSettings
     raw = (engine_args.additional_config or {}).get("tide") if isinstance(engine_args.additional_config, dict) else None
     if raw is None:
-        return
+        return False
     settings = TideSettings.parse(raw)
     if not settings.enabled:
-        return
+        return False
     model_dir = resolve_model_dir(engine_args.model)
     if model_dir is None:
         raise TideConfigError(f"TIDE cannot find the files of model {engine_args.model!r} locally; download it "
@@ -100,7 +101,28 @@ def check_request(engine_args) -> None:
     ckpt.check_model(identity, settings.router)
     threshold, min_layer = settings.resolve(ckpt)
     _no_cuda_graphs(engine_args)
+    _pin_v1_model_runner()
     logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router, threshold, min_layer)
+    return True
+
+
+V1_RUNNER_ONLY = ("TIDE runs on vLLM's V1 model runner (its per-request exit settings are applied there); "
+                  "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0.")
+
+
+def _pin_v1_model_runner() -> None:
+    """vLLM 0.32 picks Model Runner V2 by default wherever Triton exists (CUDA machines). TIDE's worker
+    hook lives in the V1 runner; under V2, requests asking for exits off would silently exit. So TIDE
+    pins V1 through vLLM's own switch (read again in every worker process), unless the user asked for V2."""
+    import os
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is not None and value.strip().lstrip("-").isdigit() and int(value) != 0:   # vLLM's bool(int(...))
+        raise TideConfigError(V1_RUNNER_ONLY)
+    if value is None:
+        from vllm import envs
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        envs.disable_envs_cache()      # an earlier engine in this process may have cached the unset value
+        logger.info("TIDE: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0 for this process).")
 
 
 def _no_cuda_graphs(engine_args) -> None:
@@ -156,8 +178,11 @@ def _patch_engine_args() -> None:
         return engine_args
 
     def create_engine_config(self, *a, **kw):
-        check_request(self)
-        return orig_create(self, *a, **kw)
+        tide_on = check_request(self)
+        config = orig_create(self, *a, **kw)
+        if tide_on and config.use_v2_model_runner:     # forced by a feature that needs V2, or a cached env
+            raise TideConfigError(V1_RUNNER_ONLY)
+        return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
