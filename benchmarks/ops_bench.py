@@ -18,6 +18,7 @@ import time
 import torch
 
 import vllm_tide.ops as ops
+from vllm_tide.kv_cache import SPLIT_CONTENT, cache_views
 from vllm_tide.ops import reference as ref
 
 LLAMA3_8B = dict(D=4096, B=128, KV_HEADS=8, HD=128, DEEP=16, TOKENS=(1, 8, 64, 512, 4096), NBLOCKS=4096,
@@ -91,8 +92,10 @@ def main():
     w_stack = torch.randn(DEEP * 2 * KV_HEADS * HD, D, device=dev, dtype=bf) / D ** 0.5
     cos_sin = torch.randn(8192, HD, device=dev)
     nblocks, bs = S["NBLOCKS"], 16
-    caches = torch.empty(DEEP, 2, nblocks, bs, KV_HEADS, HD, device=dev, dtype=bf)
-    kc, vc = [caches[j, 0] for j in range(DEEP)], [caches[j, 1] for j in range(DEEP)]
+    # each deeper layer's cache as vLLM 0.32's CUDA backends keep it, [blocks, H, bs, 2*hd], viewed as they view it
+    views = [cache_views(torch.empty(nblocks, KV_HEADS, bs, 2 * HD, device=dev, dtype=bf), SPLIT_CONTENT, KV_HEADS, HD)
+             for _ in range(DEEP)]
+    kc, vc = [kv[0] for kv in views], [kv[1] for kv in views]
 
     def row(op, n, fn_op, fn_twin, **extra):
         (op_call, op_dev), (tw_call, tw_dev) = timed(fn_op), timed(fn_twin)

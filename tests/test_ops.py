@@ -118,7 +118,7 @@ def test_kv_cache_write_matches_cpu_backend(dtype, isa):
     """The twin's writes through strided views land exactly where vLLM's CPU backend writes the same K/V."""
     pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
     from vllm import _custom_ops as vops
-    from vllm_tide.kv_cache import cache_views
+    from vllm_tide.kv_cache import CPU, cache_views
     blocks, heads, bs, hd, n = 6, 2, 32, 64, 40
     k = torch.randn(1, n, heads, hd).to(dtype)
     v = torch.randn(1, n, heads, hd).to(dtype)
@@ -128,12 +128,56 @@ def test_kv_cache_write_matches_cpu_backend(dtype, isa):
     kc, vc = backend.view(blocks, heads, 2 * bs, hd).chunk(2, dim=2)
     vops.cpu_attn_reshape_and_cache(k[0], v[0], kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
     mine = torch.full_like(backend, float("nan"))
-    kview, vview = cache_views(mine, isa, heads, hd)
+    kview, vview = cache_views(mine, CPU, heads, hd)
     ops.kv_cache_write(k, v, [kview], [vview], slots[None])
     assert torch.equal(torch.isnan(mine), torch.isnan(backend))
     ok = ~torch.isnan(backend)
     assert torch.equal(mine[ok], backend[ok])
     assert torch.isnan(mine).any()   # slot -1 and unused slots stay untouched
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "triton_attn"])
+@pytest.mark.parametrize("physical", [(0, 1, 2, 3), (0, 2, 1, 3)])   # block-major HND and NHD in memory
+def test_cuda_backend_cache_views_are_the_backends_own(backend, physical, monkeypatch):
+    """vLLM 0.32's FlashAttention and Triton backends (CUDA) keep each layer's cache as [blocks, H, bs, 2*hd].
+    TIDE's views must be the very ones the backend's own do_kv_cache_update derives (same address, shape and
+    strides), so the CUDA kernel writes where the backend would. The backend's CUDA-only write kernel is
+    swapped for a recorder; the views come from the backend's real code."""
+    from types import SimpleNamespace
+    mod = pytest.importorskip(f"vllm.v1.attention.backends.{backend}")
+    from vllm.v1.attention.backend import AttentionType
+    from vllm_tide.kv_cache import SPLIT_CONTENT, cache_layout, cache_views
+    seen = {}
+
+    def record(key, value, key_cache, value_cache, *args):
+        seen.update(k=key_cache, v=value_cache)
+
+    writer, impl_cls = {"flash_attn": ("reshape_and_cache_flash", "FlashAttentionImpl"),
+                        "triton_attn": ("triton_reshape_and_cache_flash", "TritonAttentionImpl")}[backend]
+    monkeypatch.setattr(mod, writer, record, raising=False)
+    impl_cls = getattr(mod, impl_cls)
+    blocks, heads, bs, hd, n = 5, 3, 16, 64, 7
+    impl = object.__new__(impl_cls)        # its __init__ queries the CUDA platform; the update needs only these
+    impl.__dict__.update(attn_type=AttentionType.DECODER, head_size=hd, num_kv_heads=heads, kv_cache_dtype="auto",
+                         _is_per_token_head_quant=False)
+    layer = SimpleNamespace(impl=impl, _k_scale=None, _v_scale=None)
+    logical = (blocks, heads, bs, 2 * hd)
+    kv_cache = torch.full([logical[i] for i in physical], float("nan")).permute(*physical)   # self-inverse orders
+    assert tuple(kv_cache.shape) == logical
+    k, v = torch.randn(n, heads, hd), torch.randn(n, heads, hd)
+    slots = torch.randperm(blocks * bs)[:n]
+    slots[2] = -1
+    impl_cls.do_kv_cache_update(impl, layer, k, v, kv_cache, slots)
+    assert cache_layout(layer) == SPLIT_CONTENT
+    views = cache_views(kv_cache, cache_layout(layer), heads, hd)
+    for mine, theirs in zip(views, (seen["k"], seen["v"])):
+        assert (mine.data_ptr(), mine.shape, mine.stride()) == (theirs.data_ptr(), theirs.shape, theirs.stride())
+    ops.kv_cache_write(k[None], v[None], [views[0]], [views[1]], slots[None])
+    for t, s in enumerate(slots.tolist()):      # the backend's documented content: (B, H, N, [K | V])
+        if s >= 0:
+            b, off = divmod(s, bs)
+            assert torch.equal(kv_cache[b, :, off, :hd], k[t]) and torch.equal(kv_cache[b, :, off, hd:], v[t])
+    assert torch.isnan(kv_cache).sum().item() == (blocks * bs - (n - 1)) * heads * 2 * hd
 
 
 # ----------------------------------------------------------------------------- CUDA kernels vs twins
@@ -209,3 +253,34 @@ def test_cuda_kv_fill(dtype, qwen, n):
     got = gc.cpu()
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("physical", [(0, 1, 2, 3), (0, 2, 1, 3)])
+@pytest.mark.parametrize("n", [1, 33, 1025])
+def test_cuda_kv_cache_write_through_backend_views(dtype, physical, n):
+    """The layout CUDA backends give in vLLM 0.32: [blocks, H, bs, 2*hd] per layer, viewed as in the
+    backends' own cache update (see test_cuda_backend_cache_views_are_the_backends_own)."""
+    from vllm_tide.kv_cache import SPLIT_CONTENT, cache_views
+    L, heads, hd, blocks, bs = 3, 8, 128, 80, 16
+    k, v = torch.randn(L, n, heads, hd).to(dtype), torch.randn(L, n, heads, hd).to(dtype)
+    slots = torch.stack([torch.randperm(blocks * bs)[:n] for _ in range(L)])
+    slots[:, ::7] = -1
+    logical = (blocks, heads, bs, 2 * hd)
+
+    def layers(device):
+        return [torch.full([logical[i] for i in physical], float("nan"), dtype=dtype, device=device)
+                .permute(*physical) for _ in range(L)]
+
+    def write(fn, caches, *tensors):
+        views = [cache_views(c, SPLIT_CONTENT, heads, hd) for c in caches]
+        fn(*tensors[:2], [kv[0] for kv in views], [kv[1] for kv in views], tensors[2])
+
+    want, got = layers("cpu"), layers("cuda")
+    write(ref.kv_cache_write, want, k, v, slots)
+    write(torch.ops.tide.kv_cache_write, got, k.cuda(), v.cuda(), slots.cuda())
+    for g, w in zip(got, want):
+        g = g.cpu()
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        assert torch.equal(g[~torch.isnan(w)], w[~torch.isnan(w)])

@@ -137,7 +137,7 @@ def test_all_tokens_exit_at_one_checkpoint(tmp_path):
 
 def check_propagated_cache(llm, ref, ids, exit_layer):
     """Deeper layers' paged caches hold, for exited tokens, the K computed from the frozen state."""
-    from vllm_tide.kv_cache import cache_views
+    from vllm_tide.kv_cache import cache_layout, cache_views
     _, exit_at, inputs = ref.run(ids)
     layers = [exit_layer + 1, len(ref.hf.model.layers) - 1]
 
@@ -145,7 +145,7 @@ def check_propagated_cache(llm, ref, ids, exit_layer):
         out = {}
         for j in layers:
             attn = model.model.layers[j].self_attn.attn
-            views = cache_views(attn.kv_cache, getattr(attn, "isa", None), attn.num_kv_heads, attn.head_size)
+            views = cache_views(attn.kv_cache, cache_layout(attn), attn.num_kv_heads, attn.head_size)
             out[j] = None if views is None else views[0].reshape(-1, attn.num_kv_heads, attn.head_size).clone()
         return out
 
