@@ -138,7 +138,7 @@ def test_kv_cache_write_matches_cpu_backend(dtype, isa):
 
 @pytest.mark.parametrize("backend", ["flash_attn", "triton_attn"])
 @pytest.mark.parametrize("physical", [(0, 1, 2, 3), (0, 2, 1, 3)])   # block-major HND and NHD in memory
-def test_cuda_backend_cache_views_are_the_backends_own(backend, physical, monkeypatch):
+def test_gpu_backend_cache_views_are_the_backends_own(backend, physical, monkeypatch):
     """vLLM 0.32's FlashAttention and Triton backends (CUDA) keep each layer's cache as [blocks, H, bs, 2*hd].
     TIDE's views must be the very ones the backend's own do_kv_cache_update derives (same address, shape and
     strides), so the CUDA kernel writes where the backend would. The backend's CUDA-only write kernel is
@@ -261,7 +261,7 @@ def test_cuda_kv_fill(dtype, qwen, n):
 @pytest.mark.parametrize("n", [1, 33, 1025])
 def test_cuda_kv_cache_write_through_backend_views(dtype, physical, n):
     """The layout CUDA backends give in vLLM 0.32: [blocks, H, bs, 2*hd] per layer, viewed as in the
-    backends' own cache update (see test_cuda_backend_cache_views_are_the_backends_own)."""
+    backends' own cache update (see test_gpu_backend_cache_views_are_the_backends_own)."""
     from vllm_tide.kv_cache import SPLIT_CONTENT, cache_views
     L, heads, hd, blocks, bs = 3, 8, 128, 80, 16
     k, v = torch.randn(L, n, heads, hd).to(dtype), torch.randn(L, n, heads, hd).to(dtype)
