@@ -304,8 +304,13 @@ def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
     assert not config({"router": router}).use_v2_model_runner
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"       # inherited by the worker processes
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(TideConfigError, match="V1 model runner") as e:
+    with pytest.raises(TideConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER") as e:
         config({"router": router})
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")     # watermarking forces V2 whatever the variable says
+    with pytest.raises(TideConfigError, match="needs Model Runner V2") as e:
+        EngineArgs(model=DEFAULT_MODEL, max_model_len=512, watermark_config={"key": 1},
+                   additional_config={"tide": {"router": router}}).create_engine_config()
     assert "\n" not in str(e.value)
 
 

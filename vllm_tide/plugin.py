@@ -180,8 +180,9 @@ def _patch_engine_args() -> None:
     def create_engine_config(self, *a, **kw):
         tide_on = check_request(self)
         config = orig_create(self, *a, **kw)
-        if tide_on and config.use_v2_model_runner:     # forced by a feature that needs V2, or a cached env
-            raise TideConfigError(V1_RUNNER_ONLY)
+        if tide_on and config.use_v2_model_runner:     # a feature that needs V2 (watermarking, HiSparse)
+            raise TideConfigError("TIDE runs on vLLM's V1 model runner, but this configuration needs Model "
+                                  "Runner V2 (watermarking or HiSparse attention); drop that feature or TIDE.")
         return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
