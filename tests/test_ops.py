@@ -136,10 +136,11 @@ def test_kv_cache_write_matches_cpu_backend(dtype, isa):
     assert torch.isnan(mine).any()   # slot -1 and unused slots stay untouched
 
 
-@pytest.mark.parametrize("backend", ["flash_attn", "triton_attn"])
+@pytest.mark.parametrize("backend", ["flash_attn", "triton_attn", "flex_attention"])
 @pytest.mark.parametrize("physical", [(0, 1, 2, 3), (0, 2, 1, 3)])   # block-major HND and NHD in memory
 def test_gpu_backend_cache_views_are_the_backends_own(backend, physical, monkeypatch):
-    """vLLM 0.32's FlashAttention and Triton backends (CUDA) keep each layer's cache as [blocks, H, bs, 2*hd].
+    """vLLM 0.32's CUDA backends (FlashAttention, Triton, FlexAttention here; FlashInfer does not import
+    without its package) keep each layer's cache as [blocks, H, bs, 2*hd].
     TIDE's views must be the very ones the backend's own do_kv_cache_update derives (same address, shape and
     strides), so the CUDA kernel writes where the backend would. The backend's CUDA-only write kernel is
     swapped for a recorder; the views come from the backend's real code."""
@@ -153,8 +154,13 @@ def test_gpu_backend_cache_views_are_the_backends_own(backend, physical, monkeyp
         seen.update(k=key_cache, v=value_cache)
 
     writer, impl_cls = {"flash_attn": ("reshape_and_cache_flash", "FlashAttentionImpl"),
-                        "triton_attn": ("triton_reshape_and_cache_flash", "TritonAttentionImpl")}[backend]
-    monkeypatch.setattr(mod, writer, record, raising=False)
+                        "triton_attn": ("triton_reshape_and_cache_flash", "TritonAttentionImpl"),
+                        "flex_attention": (None, "FlexAttentionImpl")}[backend]
+    if writer:
+        monkeypatch.setattr(mod, writer, record, raising=False)
+    else:    # flex calls torch.ops._C_cache_ops.reshape_and_cache_flash, absent from CPU builds
+        ops_ns = SimpleNamespace(_C_cache_ops=SimpleNamespace(reshape_and_cache_flash=record))
+        monkeypatch.setattr(mod, "torch", SimpleNamespace(ops=ops_ns))
     impl_cls = getattr(mod, impl_cls)
     blocks, heads, bs, hd, n = 5, 3, 16, 64, 7
     impl = object.__new__(impl_cls)        # its __init__ queries the CUDA platform; the update needs only these
