@@ -12,9 +12,15 @@ from helpers import synthetic_router
 
 
 
-def run(script, *args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
+# The GPU machine has no vLLM: runs with without_vllm make any import of it fail, as it would there.
+WITHOUT_VLLM = "import sys, runpy; sys.modules['vllm'] = None; sys.argv = sys.argv[1:]; "
+
+
+def run(script, *args, without_vllm=False):
+    path = os.path.join(ROOT, "benchmarks", script)
+    python = [sys.executable, "-c", WITHOUT_VLLM + "runpy.run_path(sys.argv[0], run_name='__main__')"] \
+        if without_vllm else [sys.executable]
+    out = subprocess.run([*python, path, *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -59,19 +65,11 @@ def test_forward_overhead_benchmark_smoke(tmp_path):
     assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
 
 
-# The GPU machine has no vLLM: these runs make any import of it fail, as it would there.
-WITHOUT_VLLM = "import sys, runpy; sys.modules['vllm'] = None; sys.argv = sys.argv[1:]; "
-
-
 def test_ops_benchmark_smoke(tmp_path):
     """ops_bench.py runs only in the rare device session (scripts/gpu_check.sh), so its code is run here,
     on CPU at tiny shapes (twin against twin) and without vLLM, where a bug cannot waste that session."""
     res = tmp_path / "ops.json"
-    script = os.path.join(ROOT, "benchmarks", "ops_bench.py")
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_VLLM + "runpy.run_path(sys.argv[0], run_name='__main__')",
-                           script, "--smoke", "--json", str(res)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run("ops_bench.py", "--smoke", "--json", str(res), without_vllm=True)
     r = json.loads(res.read_text())
     ops = ("router_score", "compact", "kv_project", "kv_cache_write")
     assert [(e["op"], e["tokens"]) for e in r["rows"]] == [(op, n) for n in (1, 33) for op in ops]

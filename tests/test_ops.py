@@ -12,6 +12,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SIZES = [1, 31, 32, 33, 1024, 1025]
 
 
+def assert_same_writes(got, want):
+    """Poisoned (NaN) buffers: the same elements written, with the same values; the rest untouched."""
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+
+
 def rel_err(out, want):
     out, want = out.double(), want.double()
     assert not torch.isnan(out).any(), "NaN in output"
@@ -130,9 +136,7 @@ def test_kv_cache_write_matches_cpu_backend(dtype, isa):
     mine = torch.full_like(backend, float("nan"))
     kview, vview = cache_views(mine, CPU, heads, hd)
     ops.kv_cache_write(k, v, [kview], [vview], slots[None])
-    assert torch.equal(torch.isnan(mine), torch.isnan(backend))
-    ok = ~torch.isnan(backend)
-    assert torch.equal(mine[ok], backend[ok])
+    assert_same_writes(mine, backend)
     assert torch.isnan(mine).any()   # slot -1 and unused slots stay untouched
 
 
@@ -228,8 +232,7 @@ def test_cuda_scatter_rows(dtype, n):
     want = dst.clone().cpu()
     ref.scatter_rows(want, idx.cpu(), src.cpu())
     torch.ops.tide.scatter_rows(dst, idx, src)
-    assert torch.equal(torch.isnan(dst.cpu()), torch.isnan(want))
-    assert torch.equal(dst.cpu()[~torch.isnan(want)], want[~torch.isnan(want)])
+    assert_same_writes(dst.cpu(), want)
 
 
 @cuda
@@ -256,9 +259,7 @@ def test_cuda_kv_fill(dtype, qwen, n):
     gc = caches.cuda()
     torch.ops.tide.kv_cache_write(k_ref.cuda(), v_ref.cuda(), [gc[j, 0] for j in range(L)],
                                   [gc[j, 1] for j in range(L)], slots.cuda())
-    got = gc.cpu()
-    assert torch.equal(torch.isnan(got), torch.isnan(want))
-    assert torch.equal(got[~torch.isnan(want)], want[~torch.isnan(want)])
+    assert_same_writes(gc.cpu(), want)
 
 
 @cuda
@@ -287,6 +288,4 @@ def test_cuda_kv_cache_write_through_backend_views(dtype, physical, n):
     write(ref.kv_cache_write, want, k, v, slots)
     write(torch.ops.tide.kv_cache_write, got, k.cuda(), v.cuda(), slots.cuda())
     for g, w in zip(got, want):
-        g = g.cpu()
-        assert torch.equal(torch.isnan(g), torch.isnan(w))
-        assert torch.equal(g[~torch.isnan(w)], w[~torch.isnan(w)])
+        assert_same_writes(g.cpu(), w)

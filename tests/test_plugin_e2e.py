@@ -298,8 +298,8 @@ def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
     synthetic_router(DEFAULT_MODEL, router, {15: "all"})
     monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    config = lambda tide: EngineArgs(model=DEFAULT_MODEL, max_model_len=512,   # noqa: E731
-                                     additional_config={"tide": tide} if tide else {}).create_engine_config()
+    config = lambda tide, **kw: EngineArgs(model=DEFAULT_MODEL, max_model_len=512,   # noqa: E731
+                                           additional_config={"tide": tide} if tide else {}, **kw).create_engine_config()
     assert config(None).use_v2_model_runner                    # stock's default there
     assert not config({"router": router}).use_v2_model_runner
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"       # inherited by the worker processes
@@ -309,8 +309,7 @@ def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")     # watermarking forces V2 whatever the variable says
     with pytest.raises(TideConfigError, match="needs Model Runner V2") as e:
-        EngineArgs(model=DEFAULT_MODEL, max_model_len=512, watermark_config={"key": 1},
-                   additional_config={"tide": {"router": router}}).create_engine_config()
+        config({"router": router}, watermark_config={"key": 1})
     assert "\n" not in str(e.value)
 
 

@@ -35,8 +35,7 @@ def cache_views(kv_cache: torch.Tensor, layout: str | None, num_kv_heads: int, h
     if kv_cache.dim() != 4 or kv_cache.shape[1] != num_kv_heads:
         return None
     if layout == SPLIT_CONTENT and kv_cache.shape[3] == 2 * head_size:
-        k, v = kv_cache.transpose(1, 2).split(head_size, dim=-1)
-        return k, v
+        return kv_cache.transpose(1, 2).split(head_size, dim=-1)
     if layout == CPU:
         # vLLM CPU backend: [blocks, H, bs, 2*hd] = per block and head, K as [hd, bs] then V as [bs, hd]
         nb, h, bs, _ = kv_cache.shape
