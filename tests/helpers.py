@@ -125,3 +125,32 @@ def make_tp_model(out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
     """A tiny Llama whose 4 query and 2 K/V heads split over two tensor-parallel ranks
     (the default model's 9 heads do not)."""
     return make_tiny_model("llama", out_dir, tokenizer_dir, seed=seed, heads=(4, 2, 32))
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_lora_adapter(model_dir: str, adapter_dir: str, merged_dir: str, rank: int = 8, seed: int = 0) -> None:
+    """A random PEFT LoRA adapter on every projection of every layer, and a copy of the model with the
+    adapter merged into its weights (what the adapted model computes, as a plain model)."""
+    import json
+    from safetensors.torch import load_file, save_file
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    adapter, merged = {}, dict(weights)
+    for name, w in weights.items():
+        module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
+        if module not in LORA_TARGETS:
+            continue
+        a = torch.randn(rank, w.shape[1], generator=g) / w.shape[1] ** 0.5
+        b = torch.randn(w.shape[0], rank, generator=g) * 0.3 / rank ** 0.5
+        prefix = "base_model.model." + name[: -len(".weight")]
+        adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"] = a, b
+        merged[name] = w + b @ a                  # lora_alpha == rank: scaling 1
+    os.makedirs(adapter_dir, exist_ok=True)
+    save_file(adapter, os.path.join(adapter_dir, "adapter_model.safetensors"))
+    with open(os.path.join(adapter_dir, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "bias": "none",
+                   "target_modules": list(LORA_TARGETS), "base_model_name_or_path": model_dir}, f)
+    shutil.copytree(model_dir, merged_dir)
+    save_file(merged, os.path.join(merged_dir, "model.safetensors"), metadata={"format": "pt"})

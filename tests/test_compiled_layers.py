@@ -4,7 +4,7 @@ without compiling again, and partial layers compiled per layer where layers diff
 import pytest
 import torch
 
-from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_segment
+from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_partial_layer_all_rows, _run_segment
 
 D = 16
 
@@ -117,6 +117,38 @@ def test_partial_layers_per_layer_unless_shared(compiles, shared):
         torch.testing.assert_close(runner.partial(0, layers[0], adapter, positions, h, residual, running), want,
                                    rtol=1e-6, atol=1e-6)
     assert len(compiles) == (1 if shared else 2)
+
+
+class _InPlaceNorm(_Norm):
+    """A fused add+norm that updates the residual in place, as vLLM's custom op does."""
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return super().forward(x)
+        residual.add_(x)
+        return super().forward(residual), residual
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", [None, "eager"])
+def test_partial_layer_over_all_rows_equals_running_rows_only(backend):
+    """The LoRA variant (every row through o_proj/MLP, running rows kept) gives the running-rows result:
+    running rows updated, exited rows at (hidden 0, residual frozen) even with an in-place fused norm."""
+    torch.manual_seed(0)
+    layer, adapter = _Layer(0.7), _Adapter()
+    layer.input_layernorm, layer.post_attention_layernorm = _InPlaceNorm(), _InPlaceNorm()
+    runner, gen = SegmentRunner(backend), torch.Generator().manual_seed(4)
+    for n, running in ((6, [0, 2, 3]), (9, [8]), (1, [0]), (5, [])):
+        positions, h, residual = _rows(n, gen)
+        running = torch.tensor(running, dtype=torch.int64)
+        exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
+        h[exited] = 0                      # exited rows are frozen as (0, x_e)
+        frozen = residual[exited].clone()
+        want = _run_partial_layer(layer, adapter, positions, h.clone(), residual.clone(), running)
+        got = runner.partial(0, layer, adapter, positions, h, residual, running, all_rows=True)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(got[1][exited], frozen) and torch.equal(got[0][exited], torch.zeros(len(exited), D))
+    assert runner.compiled == (backend is not None) and (runner.traced or backend is None)
 
 
 @torch.no_grad()

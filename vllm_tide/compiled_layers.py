@@ -65,6 +65,20 @@ def _run_partial_layer(layer, adapter, positions, h, residual, running):
     return h_new, residual
 
 
+def _run_partial_layer_all_rows(layer, adapter, positions, h, residual, running):
+    """_run_partial_layer's result, computed over every row with only the running rows kept: for LoRA
+    engines, whose adapted projections index their adapters by the step's token order."""
+    h, residual = layer.input_layernorm(h, residual)
+    attn_out = adapter.attention_core(layer.self_attn, positions, h)
+    a, _ = layer.self_attn.o_proj(attn_out)
+    a, r = layer.post_attention_layernorm(a, residual.clone())   # the fused add may write in place
+    a = layer.mlp(a)
+    h_new = torch.zeros_like(h)
+    ops.scatter_rows(h_new, running, a.index_select(0, running))
+    ops.scatter_rows(residual, running, r.index_select(0, running))
+    return h_new, residual
+
+
 class SegmentRunner:
     """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm])``, layers
     start..end inclusive, with ``router`` also the score at ``end``, with ``final_norm`` the normed output
@@ -110,14 +124,17 @@ class SegmentRunner:
             self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}{suffix}", self._backend, self._options)
         return self._fns[key](layers, positions, h, residual, *extra)
 
-    def partial(self, index: int, layer, adapter, positions, h, residual, running):
-        """Layer ``index`` for the running rows only (see _run_partial_layer)."""
+    def partial(self, index: int, layer, adapter, positions, h, residual, running, all_rows: bool = False):
+        """Layer ``index`` for the running rows only (see _run_partial_layer; with ``all_rows``,
+        _run_partial_layer_all_rows)."""
+        base = _run_partial_layer_all_rows if all_rows else _run_partial_layer
         if not self.compiled:
-            return _run_partial_layer(layer, adapter, positions, h, residual, running)
-        key = "partial" if self.shared_partial else ("partial", index)
+            return base(layer, adapter, positions, h, residual, running)
+        suffix = "_all_rows" if all_rows else ""
+        key = ("partial" + suffix,) if self.shared_partial else ("partial" + suffix, index)
         if key not in self._fns:
-            name = "tide_partial_layer" if self.shared_partial else f"tide_partial_layer_{index}"
-            self._fns[key] = _CompiledFn(_run_partial_layer, name, self._backend, self._options, num_static=2)
+            name = "tide_partial_layer" + suffix + ("" if self.shared_partial else f"_{index}")
+            self._fns[key] = _CompiledFn(base, name, self._backend, self._options, num_static=2)
         return self._fns[key](layer, adapter, positions, h, residual, running)
 
     @property

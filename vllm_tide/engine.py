@@ -14,6 +14,9 @@ enforce_eager):
 - Once every token has exited, the remaining layers only fill K/V: one stacked GEMM over all deeper
   layers' folded K/V weights, k-norm and rotary, then each layer's cache write. Attention and MLP are
   skipped entirely. Those are "skipped" token-layers.
+- With LoRA adapters (whose kernels index adapters by the step's token order and which change K/V),
+  partial layers run every row and keep the running ones, and the fill goes layer by layer through
+  the adapted modules: same results as above for an adapter-merged model, less saved.
 - An exited token's output is final_norm(x_e), then its checkpoint's exit projection.
 """
 from __future__ import annotations
@@ -37,12 +40,16 @@ class DecoderAdapter:
 
     def attention_core(self, attn, positions: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """The attention block up to (not including) the output projection; writes this layer's K/V."""
+        return attn.attn(*self.qkv(attn, positions, normed))
+
+    def qkv(self, attn, positions: torch.Tensor, normed: torch.Tensor):
+        """The query, key and value the layer's attention takes (norms, rotary and scaling applied)."""
         qkv, _ = attn.qkv_proj(normed)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = self.qk_norm(attn, q, k)
         q, k = attn.rotary_emb(positions, q, k)
         q = self.scale_query(attn, positions, q)
-        return attn.attn(q, k, v)
+        return q, k, v
 
     def qk_norm(self, attn, q, k):
         return q, k
@@ -95,8 +102,13 @@ def _real_step() -> tuple[bool, int | None]:
 
 class EarlyExitEngine:
     def __init__(self, ckpt: RouterCheckpoint, threshold: float, min_layer: int, adapter: DecoderAdapter,
-                 run_layers: SegmentRunner | None = None):
+                 run_layers: SegmentRunner | None = None, lora: bool = False):
         self.ckpt = ckpt
+        # With LoRA, the adapted projections must see every row of the step in its order (vLLM's LoRA
+        # kernels index adapters by token position) and the K/V fill must include the adapters' deltas:
+        # partial layers then compute all rows and keep the running ones, and the fill runs layer by
+        # layer through the (adapted) modules instead of the stacked GEMM over the base weights.
+        self.lora = lora
         self.threshold = threshold
         self.min_layer = min_layer
         self.adapter = adapter
@@ -180,7 +192,7 @@ class EarlyExitEngine:
                 break
             else:
                 h, residual = self.run_layers.partial(i, model.layers[i], self.adapter, positions, h, residual,
-                                                      running)
+                                                      running, all_rows=self.lora)
                 self.counters.partial += n - running.numel()
             if i in self._routers:
                 h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds, score)
@@ -203,7 +215,8 @@ class EarlyExitEngine:
         # every layer after the first checkpoint can be partial (a shared graph serves them all)
         first = min(self._routers, default=len(model.layers)) + 1
         for j in range(first, len(model.layers)):
-            self.run_layers.partial(j, model.layers[j], self.adapter, positions, h, residual, running)
+            self.run_layers.partial(j, model.layers[j], self.adapter, positions, h, residual, running,
+                                    all_rows=self.lora)
             if self.run_layers.shared_partial:
                 break
 
@@ -270,6 +283,8 @@ class EarlyExitEngine:
 
     def _fill_kv(self, model, frozen: torch.Tensor, positions: torch.Tensor, start: int) -> None:
         """Every token has exited: write layers start.. K/V from the frozen states, nothing else."""
+        if self.lora:
+            return self._fill_kv_through_modules(model, frozen, positions, start)
         kv = self._kv
         count = len(model.layers) - start
         rows = slice(start * 2 * kv["kv_size"], None)
@@ -278,6 +293,15 @@ class EarlyExitEngine:
                               kv["rope"].cos_sin_cache, positions, count, kv["num_kv_heads"], kv["head_size"],
                               kv["rotary_dim"], kv["neox"])
         write_layers_kv(kv["layer_names"][start:], k, v)
+
+    def _fill_kv_through_modules(self, model, frozen, positions, start: int) -> None:
+        """_fill_kv one layer at a time through the layers' own norm and K/V projection (so LoRA applies)."""
+        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+        n, heads, head_size = frozen.shape[0], self._kv["num_kv_heads"], self._kv["head_size"]
+        for layer in model.layers[start:]:
+            _, k, v = self.adapter.qkv(layer.self_attn, positions, layer.input_layernorm(frozen))
+            unified_kv_cache_update(k.reshape(n, heads, head_size), v.reshape(n, heads, head_size),
+                                    layer.self_attn.attn.layer_name)
 
     def _project_exits(self, out: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor:
         """Each exited row gets its own checkpoint's projection (only exited rows are touched)."""

@@ -33,7 +33,12 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             settings = TideSettings.from_vllm_config(vllm_config)
             ckpt = RouterCheckpoint.load(settings.router)   # loaded once: the file may go away later
             threshold, min_layer = settings.resolve(ckpt)
-            self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter, SegmentRunner.for_engine(vllm_config))
+            lora = vllm_config.lora_config is not None
+            self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter, SegmentRunner.for_engine(vllm_config),
+                                        lora=lora)
+            if lora:
+                logger.info("TIDE with LoRA: the routers were calibrated on the base model, so check quality "
+                            "with your adapters; partial layers compute every row under LoRA.")
             self.tide_counters = self.tide.counters
             patch_worker()
             logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
