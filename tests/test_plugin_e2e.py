@@ -270,6 +270,29 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
                 max_loras=2)
 
 
+def test_speculative_draft_model_runs_stock_under_tide(tmp_path):
+    """With draft-model speculative decoding the target runs TIDE and the draft (same family, built from
+    the same engine config) stays stock: the router belongs to the target. Greedy output equals TIDE's
+    without speculation (verification keeps the target's tokens, exits included)."""
+    from vllm_tide import exit_stats
+    target = make_tiny_model("llama", str(tmp_path / "target"), DEFAULT_MODEL)
+    draft = make_tiny_model("llama", str(tmp_path / "draft"), DEFAULT_MODEL, seed=3)
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(target, router, {3: "some"}, seed=2)
+    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
+    tokens = lambda llm: [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS[:3], 12)]   # noqa: E731
+    want = with_engine(target, tide, tokens)
+
+    def check(llm):
+        assert tokens(llm) == want
+        assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
+        assert llm.apply_model(lambda m: type(m).__name__) == ["TideLlamaForCausalLM"]
+        drafts = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter.model).__name__)
+        assert drafts == ["LlamaForCausalLM"]
+    with_engine(target, tide, check, speculative_config={"method": "draft_model", "model": draft,
+                                                         "num_speculative_tokens": 2})
+
+
 def test_bf16_exits_run_and_count(tmp_path):
     from vllm_tide import exit_stats
     router = str(tmp_path / "r.safetensors")

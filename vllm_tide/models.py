@@ -21,10 +21,22 @@ from .settings import TideSettings
 logger = logging.getLogger("vllm.tide")
 
 
+def _is_draft_model(vllm_config) -> bool:
+    """Whether the model being built is a speculative-decoding draft model: vLLM builds it with the
+    target's config, model_config swapped for the draft's (ngram-like methods reuse the target's)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    return (spec is not None and spec.draft_model_config is not spec.target_model_config
+            and vllm_config.model_config is spec.draft_model_config)
+
+
 def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
     class TideVariant(base):
         def __new__(cls, *, vllm_config, prefix: str = ""):
             if TideSettings.from_vllm_config(vllm_config) is None:
+                return base(vllm_config=vllm_config, prefix=prefix)
+            if _is_draft_model(vllm_config):      # the router belongs to the target model
+                logger.info("TIDE: the speculative-decoding draft model %s runs stock.",
+                            vllm_config.model_config.model)
                 return base(vllm_config=vllm_config, prefix=prefix)
             return super().__new__(cls)
 
