@@ -369,6 +369,24 @@ def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_speculative_methods_that_read_inner_hidden_states_are_refused(tmp_path):
+    """EAGLE-3-style drafters read hidden states of inner layers, which an exited token never computes."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_tide import TideConfigError
+    from vllm_tide.plugin import register
+    register()
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1}
+    config = lambda tide: EngineArgs(model=DEFAULT_MODEL, max_model_len=512, speculative_config=spec,   # noqa: E731
+                                     additional_config={"tide": tide} if tide else {}).create_engine_config()
+    assert config(None).speculative_config.method == "extract_hidden_states"      # stock accepts it
+    with pytest.raises(TideConfigError, match="does not support extract_hidden_states speculative") as e:
+        config({"router": router})
+    assert "\n" not in str(e.value)
+
+
 def test_disabled_means_stock_class(tmp_path):
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {15: "all"})

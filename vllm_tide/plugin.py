@@ -144,6 +144,23 @@ def _no_cuda_graphs(engine_args) -> None:
         cc.cudagraph_mode = CUDAGraphMode.NONE
 
 
+# speculative methods whose drafter reads the target's intermediate hidden states
+AUX_HIDDEN_STATE_METHODS = ("eagle3", "dflash", "extract_hidden_states")
+
+
+def check_engine_config(config) -> None:
+    """What only the built config tells (vLLM resolves some choices itself, e.g. the speculative method
+    from the draft model's name)."""
+    if config.use_v2_model_runner:     # a feature that needs V2 (watermarking, HiSparse)
+        raise TideConfigError("TIDE runs on vLLM's V1 model runner, but this configuration needs Model "
+                              "Runner V2 (watermarking or HiSparse attention); drop that feature or TIDE.")
+    spec = config.speculative_config
+    if spec is not None and spec.method in AUX_HIDDEN_STATE_METHODS:
+        raise TideConfigError(f"TIDE does not support {spec.method} speculative decoding (its drafter reads "
+                              f"hidden states of layers that exited tokens skip); use draft_model or ngram "
+                              f"speculation, or drop TIDE.")
+
+
 def _quantized(model_dir: str) -> bool:
     import json
     import os
@@ -180,9 +197,8 @@ def _patch_engine_args() -> None:
     def create_engine_config(self, *a, **kw):
         tide_on = check_request(self)
         config = orig_create(self, *a, **kw)
-        if tide_on and config.use_v2_model_runner:     # a feature that needs V2 (watermarking, HiSparse)
-            raise TideConfigError("TIDE runs on vLLM's V1 model runner, but this configuration needs Model "
-                                  "Runner V2 (watermarking or HiSparse attention); drop that feature or TIDE.")
+        if tide_on:
+            check_engine_config(config)
         return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
