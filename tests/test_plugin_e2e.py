@@ -369,8 +369,15 @@ def test_tide_pins_the_v1_model_runner(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_speculative_methods_that_read_inner_hidden_states_are_refused(tmp_path):
-    """EAGLE-3-style drafters read hidden states of inner layers, which an exited token never computes."""
+@pytest.mark.parametrize("kw, text", [
+    ({"speculative_config": {"method": "extract_hidden_states", "num_speculative_tokens": 1}},
+     "does not support extract_hidden_states speculative decoding"),
+    ({"runner": "pooling", "convert": "embed"}, "not the pooling runner"),
+])
+def test_configs_tide_cannot_serve_are_refused(tmp_path, kw, text):
+    """Configurations stock vLLM accepts but TIDE cannot serve faithfully fail with one sentence: an
+    EAGLE-3-style drafter reads inner layers' hidden states, which an exited token never computes; a
+    pooling model's output is not the next-token prediction the routers were calibrated on."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_tide import TideConfigError
@@ -378,11 +385,10 @@ def test_speculative_methods_that_read_inner_hidden_states_are_refused(tmp_path)
     register()
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {15: "all"})
-    spec = {"method": "extract_hidden_states", "num_speculative_tokens": 1}
-    config = lambda tide: EngineArgs(model=DEFAULT_MODEL, max_model_len=512, speculative_config=spec,   # noqa: E731
+    config = lambda tide: EngineArgs(model=DEFAULT_MODEL, max_model_len=512, **kw,   # noqa: E731
                                      additional_config={"tide": tide} if tide else {}).create_engine_config()
-    assert config(None).speculative_config.method == "extract_hidden_states"      # stock accepts it
-    with pytest.raises(TideConfigError, match="does not support extract_hidden_states speculative") as e:
+    config(None)                                    # stock accepts it
+    with pytest.raises(TideConfigError, match=text) as e:
         config({"router": router})
     assert "\n" not in str(e.value)
 

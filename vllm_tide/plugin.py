@@ -154,6 +154,10 @@ def check_engine_config(config) -> None:
     if config.use_v2_model_runner:     # a feature that needs V2 (watermarking, HiSparse)
         raise TideConfigError("TIDE runs on vLLM's V1 model runner, but this configuration needs Model "
                               "Runner V2 (watermarking or HiSparse attention); drop that feature or TIDE.")
+    if config.model_config.runner_type != "generate":
+        raise TideConfigError(f"TIDE early exit is for text generation (its routers and exit projections are "
+                              f"calibrated on next-token predictions), not the {config.model_config.runner_type} "
+                              f"runner; drop the TIDE settings for this model.")
     spec = config.speculative_config
     if spec is not None and spec.method in AUX_HIDDEN_STATE_METHODS:
         raise TideConfigError(f"TIDE does not support {spec.method} speculative decoding (its drafter reads "
