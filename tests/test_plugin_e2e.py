@@ -293,6 +293,23 @@ def test_speculative_draft_model_runs_stock_under_tide(tmp_path):
                                                          "num_speculative_tokens": 2})
 
 
+def test_exit_stats_with_the_engine_in_its_own_process(tmp_path):
+    """vLLM's default offline mode runs the engine in another process, where exit_stats cannot send a
+    function: it calls the worker's TIDE methods by name."""
+    import subprocess
+    import sys
+    model = make_tiny_model("llama", str(tmp_path / "model"), DEFAULT_MODEL)
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(model, router, {3: "some"}, seed=2)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "offline_stats.py"), model, router], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    stats = json.loads(out.stdout.split("JSON", 1)[1].splitlines()[0])
+    assert stats["generate"]["tokens"] >= 2 * 8 and stats["generate"]["exits_per_layer"][str(3)] > 0
+    assert stats["reset"]["tokens"] == 0 and stats["reset"]["exits_per_layer"] == {"3": 0}
+
+
 def test_bf16_exits_run_and_count(tmp_path):
     from vllm_tide import exit_stats
     router = str(tmp_path / "r.safetensors")

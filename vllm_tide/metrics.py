@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import logging
 
+from .stats import SNAPSHOT_RPC
+
 logger = logging.getLogger("vllm.tide")
-
-RPC_METHOD = "tide_exit_stats"
-
-
-def worker_exit_stats(worker) -> dict:
-    """Installed on vLLM's WorkerBase as ``tide_exit_stats`` (so collective_rpc can name it)."""
-    from .stats import _worker_snapshot
-    return _worker_snapshot(worker.get_model())
 
 
 class TideCollector:
@@ -97,7 +91,7 @@ class TideEndpointPlugin:
         if self.engine_client is None:
             return
         try:
-            snaps = await self.engine_client.collective_rpc(RPC_METHOD, timeout=10)
+            snaps = await self.engine_client.collective_rpc(SNAPSHOT_RPC, timeout=10)
         except Exception as e:  # a scrape must not fail because the engine is busy or gone
             logger.warning("TIDE metrics: could not read the exit counters from the engine (%s)", e)
             return

@@ -235,8 +235,7 @@ def patch_worker() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from . import request_control
-    from .metrics import RPC_METHOD, worker_exit_stats
+    from . import request_control, stats
     if getattr(GPUModelRunner, _PATCHED, False):
         return
     orig_prepare = GPUModelRunner._prepare_inputs
@@ -250,7 +249,8 @@ def patch_worker() -> None:
         return out
 
     GPUModelRunner._prepare_inputs = _prepare_inputs
-    setattr(WorkerBase, RPC_METHOD, worker_exit_stats)
+    setattr(WorkerBase, stats.SNAPSHOT_RPC, stats.worker_exit_stats)
+    setattr(WorkerBase, stats.RESET_RPC, stats.worker_reset_exit_stats)
     setattr(GPUModelRunner, _PATCHED, True)
 
 

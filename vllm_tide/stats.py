@@ -41,17 +41,34 @@ def _worker_snapshot(model: torch.nn.Module) -> dict:
     return {**counters.snapshot(), "threshold": engine.threshold, "min_layer": engine.min_layer}
 
 
-def _worker_reset(model: torch.nn.Module) -> None:
-    counters = getattr(model, "tide_counters", None)
+# Worker methods, installed on vLLM's WorkerBase when a TIDE model is built (plugin.patch_worker), so
+# that collective_rpc can call them by name: an engine in its own process (vLLM's default, offline
+# too) only accepts functions with insecure serialization turned on.
+SNAPSHOT_RPC = "tide_exit_stats"
+RESET_RPC = "tide_reset_exit_stats"
+
+
+def worker_exit_stats(worker) -> dict:
+    return _worker_snapshot(worker.get_model())
+
+
+def worker_reset_exit_stats(worker) -> None:
+    counters = getattr(worker.get_model(), "tide_counters", None)
     if counters is not None:
         counters.reset()
+
+
+def _tide_on(llm) -> bool:
+    from .settings import TideSettings
+    return TideSettings.from_vllm_config(llm.llm_engine.vllm_config) is not None
 
 
 def exit_stats(llm) -> dict:
     """TIDE exit statistics of an offline ``vllm.LLM``: tokens, exits_per_layer, skipped and partial
     layer fractions. Empty when TIDE is not active in that engine."""
-    return _merge(llm.apply_model(_worker_snapshot))
+    return _merge(llm.collective_rpc(SNAPSHOT_RPC)) if _tide_on(llm) else {}
 
 
 def reset_exit_stats(llm) -> None:
-    llm.apply_model(_worker_reset)
+    if _tide_on(llm):
+        llm.collective_rpc(RESET_RPC)
