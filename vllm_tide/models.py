@@ -22,11 +22,9 @@ logger = logging.getLogger("vllm.tide")
 
 
 def _is_draft_model(vllm_config) -> bool:
-    """Whether the model being built is a speculative-decoding draft model: vLLM builds it with the
-    target's config, model_config swapped for the draft's (ngram-like methods reuse the target's)."""
-    spec = getattr(vllm_config, "speculative_config", None)
-    return (spec is not None and spec.draft_model_config is not spec.target_model_config
-            and vllm_config.model_config is spec.draft_model_config)
+    """Whether the model being built is a speculative-decoding draft model: vLLM builds it from the
+    target's engine config (TIDE settings included) with the draft's model config, runner "draft"."""
+    return getattr(vllm_config.model_config, "runner_type", None) == "draft"
 
 
 def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
