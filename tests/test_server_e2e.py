@@ -4,11 +4,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from conftest import DEFAULT_MODEL, ROOT, requires_engine
-from helpers import synthetic_router
+from helpers import make_tiny_model, synthetic_router
 
 pytestmark = [pytest.mark.e2e, requires_engine]
 VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
@@ -54,3 +57,59 @@ def test_bad_router_fails_fast_with_one_line(tmp_path):
     out = subprocess.run([VLLM, "serve", DEFAULT_MODEL, "--tide-router", "x.safetensors"],
                          env=server_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "need `--plugin tide`" in out.stderr and "Traceback" not in out.stderr
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_several_api_servers_serve_tide(tmp_path):
+    """With --api-server-count 2 (vLLM's default under data parallelism) the extra API-server processes
+    rebuild their engine args without the plugin's flags and vLLM serves /metrics from its multiprocess
+    folder: each server must still take tide_* request parameters, and /metrics carry the TIDE series
+    with the engine's counts whichever server answers."""
+    model = make_tiny_model("llama", str(tmp_path / "model"), DEFAULT_MODEL)
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(model, router, {3: "some"}, seed=2)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([VLLM, "serve", model, "--plugin", "tide", "--tide-router", router, "--tide-threshold",
+                               "0.5", "--tide-min-layer", "0", "--api-server-count", "2", "--port", str(port),
+                               "--max-model-len", "512", "--dtype", "float32"], env=server_env(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        # several requests, so that both servers (the kernel spreads connections over them) take some
+        prompt_tokens = generated = 0
+        for i in range(8):
+            xargs = [{"tide_threshold": 0.95}, {"tide_enabled": 0}, {}, {"tide_threshold": 0.5}][i % 4]
+            status, out = post(base + "/v1/completions", {"model": model, "prompt": f"Request number {i} says",
+                                                          "max_tokens": 6, "temperature": 0, "vllm_xargs": xargs})
+            assert status == 200, out
+            prompt_tokens += out["usage"]["prompt_tokens"]
+            generated += out["usage"]["completion_tokens"]
+        status, out = post(base + "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2,
+                                                      "vllm_xargs": {"tide_threshold": 7}})
+        assert status == 400 and "tide_threshold must be a number in (0, 1]" in out["error"]["message"]
+        for _ in range(4):
+            text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+            series = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("vllm:tide_")}
+            # every prompt and every generated token but each request's last goes through the forward
+            assert series["vllm:tide_tokens_total"] == prompt_tokens + generated - 8
+            assert series["vllm:tide_exits_total"] > 0 and series["vllm:tide_threshold"] == 0.5
+    finally:
+        server.terminate()
+        server.wait(120)

@@ -14,6 +14,7 @@ before each scrape, and a Prometheus collector renders the answer, named like vL
 from __future__ import annotations
 
 import logging
+import os
 
 from .stats import SNAPSHOT_RPC
 
@@ -59,6 +60,27 @@ class TideCollector:
 
 
 COLLECTOR = TideCollector()
+_OWN_REGISTRY = None
+
+
+async def _with_tide_series(response):
+    """With several API servers (--api-server-count > 1, the default under data parallelism) vLLM sets
+    PROMETHEUS_MULTIPROC_DIR, and its /metrics handler then renders only the series other processes
+    wrote to that folder, not the registry the collector is in. Append the TIDE series to that answer
+    (each API server reads the engine's counters before the scrape, so any of them answers alike)."""
+    global _OWN_REGISTRY
+    from prometheus_client import CollectorRegistry, generate_latest
+    from starlette.responses import Response
+    if response.headers.get("content-encoding"):      # compressed: leave it as vLLM made it
+        return response
+    body = b"".join([chunk async for chunk in response.body_iterator])
+    if b"vllm:tide_tokens_total" not in body:
+        if _OWN_REGISTRY is None:
+            _OWN_REGISTRY = CollectorRegistry(auto_describe=False)
+            _OWN_REGISTRY.register(COLLECTOR)
+        body += generate_latest(_OWN_REGISTRY)
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    return Response(body, status_code=response.status_code, headers=headers)
 
 
 class TideEndpointPlugin:
@@ -75,9 +97,13 @@ class TideEndpointPlugin:
 
         @app.middleware("http")
         async def refresh_tide_metrics(request, call_next):
-            if request.url.path.startswith("/metrics"):
-                await plugin.refresh()
-            return await call_next(request)
+            if not request.url.path.startswith("/metrics"):
+                return await call_next(request)
+            await plugin.refresh()
+            response = await call_next(request)
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and response.status_code == 200:
+                response = await _with_tide_series(response)
+            return response
 
     async def init_state(self, engine_client, state, args) -> None:
         from .settings import TideSettings

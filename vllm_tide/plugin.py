@@ -179,6 +179,7 @@ def _quantized(model_dir: str) -> bool:
 
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
     if getattr(EngineArgs, _PATCHED, False):
         return
     orig_add = EngineArgs.add_cli_args
@@ -193,16 +194,20 @@ def _patch_engine_args() -> None:
         tide = tide_config_from_args(args)
         if tide is not None:
             engine_args.additional_config = {**(engine_args.additional_config or {}), "tide": tide}
-        extra = engine_args.additional_config
-        if isinstance(extra, dict) and "tide" in extra:
-            _patch_api_server()       # the CLI path: this process may serve HTTP
+            # Extra API-server processes (--api-server-count > 1, the default under data parallelism) get
+            # this namespace and rebuild their engine args from it before they load any plugin, i.e.
+            # with vLLM's own from_cli_args, which knows nothing of --tide-*: carry the settings in
+            # the field it does read.
+            args.additional_config = engine_args.additional_config
         return engine_args
 
-    def create_engine_config(self, *a, **kw):
+    def create_engine_config(self, usage_context=None, *a, **kw):
         tide_on = check_request(self)
-        config = orig_create(self, *a, **kw)
+        config = orig_create(self, usage_context, *a, **kw)
         if tide_on:
             check_engine_config(config)
+            if usage_context == UsageContext.OPENAI_API_SERVER:
+                _patch_api_server()       # this process serves HTTP: add the TIDE /metrics series
         return config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
