@@ -154,3 +154,29 @@ def make_lora_adapter(model_dir: str, adapter_dir: str, merged_dir: str, rank: i
                    "target_modules": list(LORA_TARGETS), "base_model_name_or_path": model_dir}, f)
     shutil.copytree(model_dir, merged_dir)
     save_file(merged, os.path.join(merged_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def make_eagle_head(model_dir: str, out_dir: str, seed: int = 0) -> str:
+    """A random EAGLE-1 draft head for a Llama model: one decoder layer without its input norm and the
+    `fc` that mixes the token embedding with the target's hidden state; embeddings and LM head are the
+    target's (vLLM shares them when the head has none)."""
+    import json
+    from safetensors.torch import save_file
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or d // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.08      # noqa: E731
+    layer = "layers.0."
+    weights = {"fc.weight": w(d, 2 * d), layer + "post_attention_layernorm.weight": torch.ones(d),
+               layer + "self_attn.q_proj.weight": w(q, d), layer + "self_attn.k_proj.weight": w(kv, d),
+               layer + "self_attn.v_proj.weight": w(kv, d), layer + "self_attn.o_proj.weight": w(d, q),
+               layer + "mlp.gate_proj.weight": w(inter, d), layer + "mlp.up_proj.weight": w(inter, d),
+               layer + "mlp.down_proj.weight": w(d, inter)}
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**cfg, "num_hidden_layers": 1}, f)
+    return out_dir

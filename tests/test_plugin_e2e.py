@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_MODEL, ROOT, requires_engine, run_stock
-from helpers import Reference, make_lora_adapter, make_tiny_model, synthetic_router
+from helpers import Reference, make_eagle_head, make_lora_adapter, make_tiny_model, synthetic_router
 
 pytestmark = [pytest.mark.e2e, requires_engine]
 
@@ -291,6 +291,26 @@ def test_speculative_draft_model_runs_stock_under_tide(tmp_path):
         assert drafts == ["LlamaForCausalLM"]
     with_engine(target, tide, check, speculative_config={"method": "draft_model", "model": draft,
                                                          "num_speculative_tokens": 2})
+
+
+def test_eagle_speculation_under_tide(tmp_path):
+    """An EAGLE-1 head drafts from the target's final hidden state, which for an exited token is TIDE's
+    exit state: it runs stock, and greedy output equals TIDE's without speculation."""
+    from vllm_tide import exit_stats
+    target = make_tiny_model("llama", str(tmp_path / "target"), DEFAULT_MODEL)
+    head = make_eagle_head(target, str(tmp_path / "eagle"), seed=5)
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(target, router, {3: "some"}, seed=2)
+    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
+    tokens = lambda llm: [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS[:3], 12)]   # noqa: E731
+    want = with_engine(target, tide, tokens)
+
+    def check(llm):
+        assert tokens(llm) == want
+        assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
+        drafts = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter.model).__name__)
+        assert drafts == ["EagleLlamaForCausalLM"]
+    with_engine(target, tide, check, speculative_config={"method": "eagle", "model": head, "num_speculative_tokens": 2})
 
 
 def test_exit_stats_with_the_engine_in_its_own_process(tmp_path):
