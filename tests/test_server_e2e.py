@@ -68,11 +68,11 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_several_api_servers_serve_tide(tmp_path):
-    """With --api-server-count 2 (vLLM's default under data parallelism) the extra API-server processes
-    rebuild their engine args without the plugin's flags and vLLM serves /metrics from its multiprocess
-    folder: each server must still take tide_* request parameters, and /metrics carry the TIDE series
-    with the engine's counts whichever server answers."""
+def test_data_parallel_serving_with_tide(tmp_path):
+    """`--data-parallel-size 2`: two engines, and (vLLM's default then) two API-server processes. The
+    extra API servers rebuild their engine args without the plugin's flags and vLLM serves /metrics from
+    its multiprocess folder: each server must still take tide_* request parameters, and /metrics carry
+    the TIDE series summed over both engines, whichever server answers."""
     model = make_tiny_model("llama", str(tmp_path / "model"), DEFAULT_MODEL)
     router = str(tmp_path / "r.safetensors")
     synthetic_router(model, router, {3: "some"}, seed=2)
@@ -80,7 +80,7 @@ def test_several_api_servers_serve_tide(tmp_path):
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([VLLM, "serve", model, "--plugin", "tide", "--tide-router", router, "--tide-threshold",
-                               "0.5", "--tide-min-layer", "0", "--api-server-count", "2", "--port", str(port),
+                               "0.5", "--tide-min-layer", "0", "--data-parallel-size", "2", "--port", str(port),
                                "--max-model-len", "512", "--dtype", "float32"], env=server_env(), stdout=log,
                               stderr=subprocess.STDOUT)
     try:
@@ -91,7 +91,8 @@ def test_several_api_servers_serve_tide(tmp_path):
             except (urllib.error.URLError, ConnectionError):
                 assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(1)
-        # several requests, so that both servers (the kernel spreads connections over them) take some
+        # several requests, so that both servers (the kernel spreads connections over them) and both
+        # engines take some
         prompt_tokens = generated = 0
         for i in range(8):
             xargs = [{"tide_threshold": 0.95}, {"tide_enabled": 0}, {}, {"tide_threshold": 0.5}][i % 4]
@@ -107,9 +108,12 @@ def test_several_api_servers_serve_tide(tmp_path):
             text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
             series = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("vllm:tide_")}
-            # every prompt and every generated token but each request's last goes through the forward
+            # every prompt and every generated token but each request's last goes through a forward
             assert series["vllm:tide_tokens_total"] == prompt_tokens + generated - 8
             assert series["vllm:tide_exits_total"] > 0 and series["vllm:tide_threshold"] == 0.5
+        per_engine = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("vllm:prompt_tokens_total{")]
+        assert len(per_engine) == 2 and min(per_engine) > 0      # both engines served requests
     finally:
         server.terminate()
         server.wait(120)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .stats import SNAPSHOT_RPC
+from .stats import SNAPSHOT_RPC, first_rank, sum_engines
 
 logger = logging.getLogger("vllm.tide")
 
@@ -116,14 +116,21 @@ class TideEndpointPlugin:
     async def refresh(self) -> None:
         if self.engine_client is None:
             return
+        # collective_rpc answers for the first data-parallel engine only; ask every engine this client
+        # manages (one without data parallelism)
+        every_engine = getattr(getattr(self.engine_client, "engine_core", None), "call_utility_all_async", None)
         try:
-            snaps = await self.engine_client.collective_rpc(SNAPSHOT_RPC, timeout=10)
+            if every_engine is not None:
+                per_engine = await every_engine("collective_rpc", SNAPSHOT_RPC, 10, (), None)
+            else:
+                per_engine = [await self.engine_client.collective_rpc(SNAPSHOT_RPC, timeout=10)]
         except Exception as e:  # a scrape must not fail because the engine is busy or gone
             logger.warning("TIDE metrics: could not read the exit counters from the engine (%s)", e)
             return
-        snaps = [s for s in snaps if s]
-        if snaps:     # under tensor parallelism every rank sees the same tokens: take the first
-            COLLECTOR.snapshot = snaps[0]
+        # tensor-parallel ranks of an engine see the same tokens (the first is taken); engines add up
+        snapshot = sum_engines([first_rank(workers) for workers in per_engine])
+        if snapshot:
+            COLLECTOR.snapshot = snapshot
 
 
 def register_collector(registry) -> None:

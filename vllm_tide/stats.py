@@ -26,11 +26,26 @@ class ExitCounters:
                 "num_layers": self.num_layers}
 
 
-def _merge(snaps: list[dict]) -> dict:
+def first_rank(snaps: list[dict]) -> dict:
     """One view for the model: under tensor parallelism every rank sees the same tokens and exits,
     so the first rank's counters are taken rather than summed."""
     snaps = [s for s in snaps if s]
     return snaps[0] if snaps else {}
+
+
+def sum_engines(snaps: list[dict]) -> dict:
+    """One view over data-parallel engines (each a model replica with its own tokens): the sums."""
+    snaps = [s for s in snaps if s]
+    if len(snaps) <= 1:
+        return snaps[0] if snaps else {}
+    out = dict(snaps[0])
+    for key in ("tokens", "skipped_token_layers", "partial_token_layers"):
+        out[key] = sum(s[key] for s in snaps)
+    out["exits_per_layer"] = {layer: sum(s["exits_per_layer"][layer] for s in snaps) for layer in out["exits_per_layer"]}
+    full = max(out["tokens"] * out["num_layers"], 1)
+    out["skipped_layer_fraction"] = out["skipped_token_layers"] / full
+    out["partial_layer_fraction"] = out["partial_token_layers"] / full
+    return out
 
 
 def _worker_snapshot(model: torch.nn.Module) -> dict:
@@ -66,7 +81,7 @@ def _tide_on(llm) -> bool:
 def exit_stats(llm) -> dict:
     """TIDE exit statistics of an offline ``vllm.LLM``: tokens, exits_per_layer, skipped and partial
     layer fractions. Empty when TIDE is not active in that engine."""
-    return _merge(llm.collective_rpc(SNAPSHOT_RPC)) if _tide_on(llm) else {}
+    return first_rank(llm.collective_rpc(SNAPSHOT_RPC)) if _tide_on(llm) else {}
 
 
 def reset_exit_stats(llm) -> None:
