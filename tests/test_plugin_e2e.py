@@ -270,13 +270,18 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
                 max_loras=2)
 
 
-def test_speculative_draft_model_runs_stock_under_tide(tmp_path):
-    """With draft-model speculative decoding the target runs TIDE and the draft (same family, built from
-    the same engine config) stays stock: the router belongs to the target. Greedy output equals TIDE's
-    without speculation (verification keeps the target's tokens, exits included)."""
+@pytest.mark.parametrize("method", ["draft_model", "eagle"])
+def test_speculative_decoding_under_tide(tmp_path, method):
+    """The target runs TIDE and the proposer stays stock: a draft model (same family, built from the same
+    engine config; the router belongs to the target) or an EAGLE-1 head (it drafts from the target's
+    final hidden state, for an exited token its exit state). Greedy output equals TIDE's without
+    speculation (verification keeps the target's tokens, exits included)."""
     from vllm_tide import exit_stats
     target = make_tiny_model("llama", str(tmp_path / "target"), DEFAULT_MODEL)
-    draft = make_tiny_model("llama", str(tmp_path / "draft"), DEFAULT_MODEL, seed=3)
+    if method == "draft_model":
+        proposer, proposer_class = make_tiny_model("llama", str(tmp_path / "draft"), DEFAULT_MODEL, seed=3), "LlamaForCausalLM"
+    else:
+        proposer, proposer_class = make_eagle_head(target, str(tmp_path / "eagle"), seed=5), "EagleLlamaForCausalLM"
     router = str(tmp_path / "r.safetensors")
     synthetic_router(target, router, {3: "some"}, seed=2)
     tide = {"router": router, "threshold": 0.5, "min_layer": 0}
@@ -288,29 +293,9 @@ def test_speculative_draft_model_runs_stock_under_tide(tmp_path):
         assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
         assert llm.apply_model(lambda m: type(m).__name__) == ["TideLlamaForCausalLM"]
         drafts = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter.model).__name__)
-        assert drafts == ["LlamaForCausalLM"]
-    with_engine(target, tide, check, speculative_config={"method": "draft_model", "model": draft,
+        assert drafts == [proposer_class]
+    with_engine(target, tide, check, speculative_config={"method": method, "model": proposer,
                                                          "num_speculative_tokens": 2})
-
-
-def test_eagle_speculation_under_tide(tmp_path):
-    """An EAGLE-1 head drafts from the target's final hidden state, which for an exited token is TIDE's
-    exit state: it runs stock, and greedy output equals TIDE's without speculation."""
-    from vllm_tide import exit_stats
-    target = make_tiny_model("llama", str(tmp_path / "target"), DEFAULT_MODEL)
-    head = make_eagle_head(target, str(tmp_path / "eagle"), seed=5)
-    router = str(tmp_path / "r.safetensors")
-    synthetic_router(target, router, {3: "some"}, seed=2)
-    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
-    tokens = lambda llm: [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS[:3], 12)]   # noqa: E731
-    want = with_engine(target, tide, tokens)
-
-    def check(llm):
-        assert tokens(llm) == want
-        assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
-        drafts = llm.collective_rpc(lambda worker: type(worker.model_runner.drafter.model).__name__)
-        assert drafts == ["EagleLlamaForCausalLM"]
-    with_engine(target, tide, check, speculative_config={"method": "eagle", "model": head, "num_speculative_tokens": 2})
 
 
 def test_exit_stats_with_the_engine_in_its_own_process(tmp_path):
