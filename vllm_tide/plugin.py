@@ -161,8 +161,8 @@ def check_engine_config(config) -> None:
     spec = config.speculative_config
     if spec is not None and spec.method in AUX_HIDDEN_STATE_METHODS:
         raise TideConfigError(f"TIDE does not support {spec.method} speculative decoding (its drafter reads "
-                              f"hidden states of layers that exited tokens skip); use eagle (EAGLE-1), draft_model or ngram "
-                              f"speculation, or drop TIDE.")
+                              f"hidden states of layers that exited tokens skip); use eagle (EAGLE-1), "
+                              f"draft_model or ngram speculation, or drop TIDE.")
 
 
 def _quantized(model_dir: str) -> bool:
