@@ -19,11 +19,16 @@ class ExitCounters:
         self.partial = 0   # token-layers that ran attention (for their K/V) but skipped the rest
 
     def snapshot(self) -> dict:
-        full = max(self.tokens * self.num_layers, 1)
-        return {"tokens": self.tokens, "exits_per_layer": dict(self.exits),
-                "skipped_token_layers": self.skipped, "partial_token_layers": self.partial,
-                "skipped_layer_fraction": self.skipped / full, "partial_layer_fraction": self.partial / full,
-                "num_layers": self.num_layers}
+        return with_fractions({"tokens": self.tokens, "exits_per_layer": dict(self.exits),
+                               "skipped_token_layers": self.skipped, "partial_token_layers": self.partial,
+                               "num_layers": self.num_layers})
+
+
+def with_fractions(snap: dict) -> dict:
+    """The snapshot with its skipped and partial token-layers as fractions of all token-layers."""
+    full = max(snap["tokens"] * snap["num_layers"], 1)
+    return {**snap, "skipped_layer_fraction": snap["skipped_token_layers"] / full,
+            "partial_layer_fraction": snap["partial_token_layers"] / full}
 
 
 def first_rank(snaps: list[dict]) -> dict:
@@ -36,16 +41,13 @@ def first_rank(snaps: list[dict]) -> dict:
 def sum_engines(snaps: list[dict]) -> dict:
     """One view over data-parallel engines (each a model replica with its own tokens): the sums."""
     snaps = [s for s in snaps if s]
-    if len(snaps) <= 1:
-        return snaps[0] if snaps else {}
+    if not snaps:
+        return {}
     out = dict(snaps[0])
     for key in ("tokens", "skipped_token_layers", "partial_token_layers"):
         out[key] = sum(s[key] for s in snaps)
     out["exits_per_layer"] = {layer: sum(s["exits_per_layer"][layer] for s in snaps) for layer in out["exits_per_layer"]}
-    full = max(out["tokens"] * out["num_layers"], 1)
-    out["skipped_layer_fraction"] = out["skipped_token_layers"] / full
-    out["partial_layer_fraction"] = out["partial_token_layers"] / full
-    return out
+    return with_fractions(out)
 
 
 def _worker_snapshot(model: torch.nn.Module) -> dict:
