@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 import os
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from .stats import SNAPSHOT_RPC, first_rank, sum_engines
 
 logger = logging.getLogger("vllm.tide")
@@ -29,7 +32,6 @@ class TideCollector:
         self.model_name = ""
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         s = self.snapshot
         if not s:
             return
@@ -60,7 +62,8 @@ class TideCollector:
 
 
 COLLECTOR = TideCollector()
-_OWN_REGISTRY = None
+_OWN_REGISTRY = CollectorRegistry(auto_describe=False)    # the TIDE series alone, for the multiprocess answer
+_OWN_REGISTRY.register(COLLECTOR)
 
 
 async def _with_tide_series(response):
@@ -68,16 +71,11 @@ async def _with_tide_series(response):
     PROMETHEUS_MULTIPROC_DIR, and its /metrics handler then renders only the series other processes
     wrote to that folder, not the registry the collector is in. Append the TIDE series to that answer
     (each API server reads the engine's counters before the scrape, so any of them answers alike)."""
-    global _OWN_REGISTRY
-    from prometheus_client import CollectorRegistry, generate_latest
     from starlette.responses import Response
     if response.headers.get("content-encoding"):      # compressed: leave it as vLLM made it
         return response
     body = b"".join([chunk async for chunk in response.body_iterator])
     if b"vllm:tide_tokens_total" not in body:
-        if _OWN_REGISTRY is None:
-            _OWN_REGISTRY = CollectorRegistry(auto_describe=False)
-            _OWN_REGISTRY.register(COLLECTOR)
         body += generate_latest(_OWN_REGISTRY)
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     return Response(body, status_code=response.status_code, headers=headers)
