@@ -123,6 +123,21 @@ def http(url: str, body: dict | None = None) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def wait_healthy(proc, base: str, log_path: str, timeout: float = 300) -> None:
+    """Until the server at ``base`` answers /health; an error with the log's tail if it exits first."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + open(log_path).read()[-3000:])
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(f"server did not come up in {timeout:.0f} s")
+            time.sleep(1)
+
+
 def tide_metrics(text: str) -> dict:
     out = {}
     for line in text.splitlines():
@@ -171,17 +186,7 @@ def main() -> int:
     reqs = prompts_for(args.requests, args.seed)
     report: dict = {"requests": args.requests, "command": " ".join(cmd)}
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + open(log_path).read()[-3000:])
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError("server did not come up in 300 s")
-                time.sleep(1)
+        wait_healthy(proc, base, log_path)
         os.remove(router)                      # loaded once at start-up: its absence must not matter
         before = tide_metrics(http(f"{base}/metrics")[1])
         from vllm_tide.checkpoint import RouterCheckpoint

@@ -1,26 +1,19 @@
 """The OpenAI-compatible server with TIDE, end to end on 127.0.0.1, started by the documented command."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from conftest import DEFAULT_MODEL, ROOT, requires_engine
 from helpers import make_tiny_model, synthetic_router
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from load_test import free_port, http, tide_metrics, wait_healthy  # noqa: E402  (the load test's own helpers)
+
 pytestmark = [pytest.mark.e2e, requires_engine]
 VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env() -> dict:
@@ -59,15 +52,6 @@ def test_bad_router_fails_fast_with_one_line(tmp_path):
     assert out.returncode != 0 and "need `--plugin tide`" in out.stderr and "Traceback" not in out.stderr
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_data_parallel_serving_with_tide(tmp_path):
     """`--data-parallel-size 2`: two engines, and (vLLM's default then) two API-server processes. The
     extra API servers rebuild their engine args without the plugin's flags and vLLM serves /metrics from
@@ -78,39 +62,34 @@ def test_data_parallel_serving_with_tide(tmp_path):
     synthetic_router(model, router, {3: "some"}, seed=2)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
     server = subprocess.Popen([VLLM, "serve", model, "--plugin", "tide", "--tide-router", router, "--tide-threshold",
                                "0.5", "--tide-min-layer", "0", "--data-parallel-size", "2", "--port", str(port),
                                "--max-model-len", "512", "--dtype", "float32"], env=server_env(), stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_healthy(server, base, log_path, timeout=240)
         # several requests, so that both servers (the kernel spreads connections over them) and both
         # engines take some
         prompt_tokens = generated = 0
         for i in range(8):
             xargs = [{"tide_threshold": 0.95}, {"tide_enabled": 0}, {}, {"tide_threshold": 0.5}][i % 4]
-            status, out = post(base + "/v1/completions", {"model": model, "prompt": f"Request number {i} says",
-                                                          "max_tokens": 6, "temperature": 0, "vllm_xargs": xargs})
-            assert status == 200, out
+            status, body = http(base + "/v1/completions", {"model": model, "prompt": f"Request number {i} says",
+                                                           "max_tokens": 6, "temperature": 0, "vllm_xargs": xargs})
+            assert status == 200, body
+            out = json.loads(body)
             prompt_tokens += out["usage"]["prompt_tokens"]
             generated += out["usage"]["completion_tokens"]
-        status, out = post(base + "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2,
-                                                      "vllm_xargs": {"tide_threshold": 7}})
-        assert status == 400 and "tide_threshold must be a number in (0, 1]" in out["error"]["message"]
+        status, body = http(base + "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2,
+                                                       "vllm_xargs": {"tide_threshold": 7}})
+        assert status == 400 and "tide_threshold must be a number in (0, 1]" in json.loads(body)["error"]["message"]
         for _ in range(4):
-            text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-            series = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                      if line.startswith("vllm:tide_")}
+            status, text = http(base + "/metrics")
+            series = tide_metrics(text)
             # every prompt and every generated token but each request's last goes through a forward
             assert series["vllm:tide_tokens_total"] == prompt_tokens + generated - 8
-            assert series["vllm:tide_exits_total"] > 0 and series["vllm:tide_threshold"] == 0.5
+            assert series["vllm:tide_exits_total[3]"] > 0 and series["vllm:tide_threshold"] == 0.5
         per_engine = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("vllm:prompt_tokens_total{")]
         assert len(per_engine) == 2 and min(per_engine) > 0      # both engines served requests
