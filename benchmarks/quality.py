@@ -1,6 +1,7 @@
 """TIDE quality against stock vLLM on held-out text and in generation, across exit thresholds.
 
     python benchmarks/quality.py --router outputs/router.safetensors --split test
+    python benchmarks/quality.py --router outputs/router.safetensors --presets default balanced fast --chat
 
 Teacher-forced, through vLLM's prompt_logprobs (so prefill exits and propagated K/V are measured):
 top-1 agreement with stock at every position and the perplexity ratio TIDE/stock. In generation:
@@ -25,11 +26,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def gsm8k_prompts(n: int) -> list[str]:
+def gsm8k_questions(n: int) -> list[str]:
     path = os.path.join(ROOT, "data", "gsm8k", "test.jsonl")
     with open(path) as f:
-        rows = [json.loads(line) for line in f][:n]
-    return [f"Question: {r['question']}\nAnswer:" for r in rows]
+        return [json.loads(line)["question"] for line in f][:n]
+
+
+def generation_prompts(tokenizer, n: int, chat: bool) -> list:
+    """GSM8K questions as plain completion prompts, or through the model's chat template (what a
+    chat-completions client of an instruct model sends)."""
+    questions = gsm8k_questions(n)
+    if not chat:
+        return [f"Question: {q}\nAnswer:" for q in questions]
+    return [{"prompt_token_ids": tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                               add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True)["input_ids"]}
+            for q in questions]
 
 
 def evaluate(args) -> dict:
@@ -61,7 +73,7 @@ def evaluate(args) -> dict:
         from vllm_tide import exit_stats
         result["text_stats"] = exit_stats(llm)
         reset_exit_stats(llm)
-    gen = llm.generate(gsm8k_prompts(args.gen_prompts), SamplingParams(temperature=0, max_tokens=args.gen_tokens),
+    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat), SamplingParams(temperature=0, max_tokens=args.gen_tokens),
                        use_tqdm=False)
     result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
     if args.worker_threshold is not None:
@@ -69,21 +81,42 @@ def evaluate(args) -> dict:
     return result
 
 
-def run_worker(args, threshold: float | None) -> dict:
+def run_worker(args, threshold: float | None, min_layer: int | None = None) -> dict:
     env = dict(os.environ)
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--router", args.router, "--split", args.split,
            "--tokens", str(args.tokens), "--chunk", str(args.chunk), "--dtype", args.dtype,
            "--gen-prompts", str(args.gen_prompts), "--gen-tokens", str(args.gen_tokens)]
+    if args.chat:
+        cmd.append("--chat")
     if threshold is None:
         env["VLLM_PLUGINS"] = "none-stock"
     else:
         cmd += ["--worker-threshold", str(threshold)]
-    if args.min_layer is not None:
-        cmd += ["--min-layer", str(args.min_layer)]
+    if min_layer is not None:
+        cmd += ["--min-layer", str(min_layer)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.split("JSON", 1)[1])
+
+
+def operating_points(args) -> list[dict]:
+    """What to measure: the router's stored presets (each with its own threshold and minimum exit
+    layer), or the given thresholds at one --min-layer."""
+    if not args.presets:
+        return [{"threshold": t, "min_layer": args.min_layer} for t in args.thresholds]
+    from vllm_tide.checkpoint import RouterCheckpoint
+    stored = RouterCheckpoint.load(args.router).extra.get("presets", {})
+    points = []
+    for name in args.presets:
+        if name not in stored:
+            sys.exit(f"The router {args.router} has no preset {name!r}; it has {sorted(stored)}.")
+        if stored[name] is None:
+            print(f"preset {name}: none of the calibration's points met its bar (exits off); skipped")
+            continue
+        points.append({"preset": name, "threshold": stored[name]["threshold"], "min_layer": stored[name]["min_layer"],
+                       "validation_propagated": stored[name]})
+    return points
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
@@ -117,12 +150,15 @@ def main() -> None:
     p.add_argument("--router", default="outputs/router.safetensors")
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
     p.add_argument("--min-layer", type=int, default=None)
+    p.add_argument("--presets", nargs="+", default=None, metavar="NAME",
+                   help="measure these presets stored in the router (e.g. default balanced fast) instead of --thresholds")
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--gen-prompts", type=int, default=100)
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="generate through the model's chat template")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-threshold", type=float, default=None, help=argparse.SUPPRESS)
@@ -133,22 +169,25 @@ def main() -> None:
     t0 = time.time()
     stock = run_worker(args, None)
     rows = []
-    print(f"{args.split} split, {len(stock['top1'])} teacher-forced tokens, {args.gen_prompts} GSM8K prompts "
+    print(f"{args.split} split, {len(stock['top1'])} teacher-forced tokens, {args.gen_prompts} GSM8K prompts"
+          f"{' (chat template)' if args.chat else ''} "
           f"x {args.gen_tokens} tokens; router {args.router}")
     print(f"{'threshold':>9} {'top1 agr':>8} {'ppl ratio':>9} {'gen exact':>9} {'1st diff':>8} "
           f"{'skip(text)':>10} {'part(text)':>10} {'skip(gen)':>9} {'part(gen)':>9}")
-    for th in args.thresholds:
-        r = {"threshold": th, **compare(stock, run_worker(args, th))}
+    for point in operating_points(args):
+        r = {**point, **compare(stock, run_worker(args, point["threshold"], point["min_layer"]))}
         rows.append(r)
-        print(f"{th:>9} {r['top1_agreement']:>8.4f} {r['ppl_ratio']:>9.4f} {r['gen_exact_match']:>9.2f} "
+        label = f"{point['threshold']}" if "preset" not in point else \
+            f"{point['preset']} {point['threshold']}/{point['min_layer']}"
+        print(f"{label:>9} {r['top1_agreement']:>8.4f} {r['ppl_ratio']:>9.4f} {r['gen_exact_match']:>9.2f} "
               f"{r['gen_mean_first_divergence']:>8.1f} {r['text_skipped_layer_fraction']:>10.4f} "
               f"{r['text_partial_layer_fraction']:>10.4f} {r['gen_skipped_layer_fraction']:>9.4f} "
               f"{r['gen_partial_layer_fraction']:>9.4f}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"split": args.split, "model": args.model, "router": args.router, "min_layer": args.min_layer,
-                       "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
+            json.dump({"split": args.split, "chat": args.chat, "model": args.model, "router": args.router,
+                       "min_layer": args.min_layer, "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
                       f, indent=1)
 
 

@@ -37,7 +37,8 @@ def run_with_router(tmp_path, script, fire_at, *args, seed=0):
 @requires_engine
 def test_quality_benchmark_smoke(tmp_path):
     result = run_with_router(tmp_path, "quality.py", {27: "some"}, "--split", "dev", "--tokens", "300", "--chunk", "128",
-                             "--gen-prompts", "3", "--gen-tokens", "6", "--thresholds", "0.5", "1.0", seed=2)
+                             "--gen-prompts", "3", "--gen-tokens", "6", "--thresholds", "0.5", "1.0", "--chat", seed=2)
+    assert result["chat"] is True
     rows = {r["threshold"]: r for r in result["rows"]}
     off = rows[1.0]
     assert off["top1_agreement"] == 1.0 and off["ppl_ratio"] == pytest.approx(1.0, abs=1e-9)

@@ -6,7 +6,8 @@ import torch
 
 from conftest import DEFAULT_MODEL
 from helpers import make_tiny_model
-from vllm_tide.calibrate import CalibrationConfig, States, auc, calibrate, cosine_labels, exit_metrics, kl_labels
+from vllm_tide.calibrate import (CalibrationConfig, States, auc, calibrate, choose_presets, choose_propagated,
+                                 cosine_labels, exit_metrics, kl_labels, net_layers_saved)
 from vllm_tide.checkpoint import RouterCheckpoint
 from vllm_tide.errors import TideConfigError
 from vllm_tide.projection import ExitProjection, fit_affine, fit_temperature
@@ -160,3 +161,24 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(TideConfigError, match="interval"):
         calibrate(CalibrationConfig(model=model, output=str(tmp_path / "r.safetensors"),
                                     corpus=[str(tmp_path / "empty")], max_tokens=2000, interval=4))
+
+
+def test_operating_point_choice_pays_for_its_checkpoints():
+    """Among points meeting a bar, a shallower minimum exit layer wins only if the extra layers it
+    skips outweigh the extra checkpoints it runs (each costing checkpoint_cost decoder layers)."""
+    layers, num_layers = [3, 7, 11], 16
+    reach = {3: 0.5, 7: 0.4, 11: 0.3}   # a shallower minimum skips more at every threshold
+
+    def evaluate(t, m):
+        return {"threshold": t, "min_layer": m, "top1_agreement": t, "ppl_ratio": 1.0,
+                "skipped_fraction": (1 - t) * reach[m]}
+    # at the 0.9 bar: 0.8, 0.64 and 0.48 layers skipped per token with 3, 2 and 1 checkpoints
+    pick = lambda cost: choose_propagated(evaluate, layers, 0.9, None, None, num_layers, cost)  # noqa: E731
+    assert (pick(0.0)["threshold"], pick(0.0)["min_layer"]) == (0.9, 3)
+    assert pick(0.1)["min_layer"] == 3            # nets 0.5, 0.44, 0.38
+    assert pick(0.2)["min_layer"] == 11           # nets 0.2, 0.24, 0.28
+    assert pick(0.5)["min_layer"] == 11           # nets -0.7, -0.36, -0.02
+    assert net_layers_saved(0.05, 3, layers, num_layers, 0.5) == pytest.approx(0.8 - 1.5)
+    assert choose_propagated(evaluate, layers, 0.9, None, 7, num_layers, 0.5)["min_layer"] == 7   # a fixed minimum
+    assert choose_propagated(evaluate, layers, 1.0, None, None, num_layers, 0.5) is None         # no point meets it
+    assert choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.0)["fast"] == evaluate(0.9, 3)

@@ -58,6 +58,9 @@ class CalibrationConfig:
     max_ppl_increase: float = 0.02
     min_layer: int | None = None  # None: chosen on the validation slice
     select_tokens: int = 4096     # validation tokens for the propagated choice; 0: post-hoc choice only
+    # What running one checkpoint costs (router, exit decision, host sync), in decoder layers: points
+    # meeting a bar are compared by layers skipped per token less the checkpoints they run.
+    checkpoint_cost: float = 0.5
     seed: int = 0
 
     def validate(self) -> None:
@@ -73,6 +76,8 @@ class CalibrationConfig:
             raise TideConfigError(f"--kl-bound must be a positive number of nats, got {self.kl_bound}.")
         if not self.max_ppl_increase >= 0:
             raise TideConfigError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}.")
+        if not self.checkpoint_cost >= 0:
+            raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
 
@@ -310,16 +315,24 @@ def exit_summary(exit_at: torch.Tensor, metrics: dict[int, ExitMetrics], num_lay
             "skipped_fraction": skipped.sum().item() / (len(exit_at) * num_layers)}
 
 
-def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None):
-    """The (threshold, min_layer) with the most skipping whose post-hoc fidelity meets the targets."""
+def net_layers_saved(skipped_fraction: float, min_layer: int, layers: list[int], num_layers: int,
+                     checkpoint_cost: float) -> float:
+    """Decoder layers a point saves per token, less what its checkpoints cost: every checkpoint from
+    min_layer on runs for every token, whether or not it exits there."""
+    return skipped_fraction * num_layers - checkpoint_cost * sum(c >= min_layer for c in layers)
+
+
+def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None,
+                    checkpoint_cost: float):
+    """The (threshold, min_layer) with the largest net saving whose post-hoc fidelity meets the targets."""
     layers = sorted(scores)
-    best = None
+    best, best_net = None, -math.inf
     for m in ([min_layer] if min_layer is not None else layers):
         for t in THRESHOLD_GRID:
             r = exit_summary(simulate_exits(scores, t, m), metrics, num_layers)
-            if r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl and \
-                    (best is None or r["skipped_fraction"] > best[2]["skipped_fraction"]):
-                best = (t, m, r)
+            net = net_layers_saved(r["skipped_fraction"], m, layers, num_layers, checkpoint_cost)
+            if r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl and net > best_net:
+                best, best_net = (t, m, r), net
     return best
 
 
@@ -356,11 +369,15 @@ class PropagatedEval:
 
 
 def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float | None,
-                      min_layer: int | None) -> dict | None:
+                      min_layer: int | None, num_layers: int, checkpoint_cost: float) -> dict | None:
     """For each minimum depth, the lowest threshold meeting the targets (fidelity rises with the
-    threshold, so a binary search over the grid); then the point with the most skipping."""
+    threshold, so a binary search over the grid); then the point with the largest net saving. A deeper
+    minimum runs fewer checkpoints, so it wins unless the shallower one skips more than they cost."""
     def ok(r):
         return r["top1_agreement"] >= target and (max_ppl is None or r["ppl_ratio"] <= 1 + max_ppl)
+
+    def net(r):
+        return net_layers_saved(r["skipped_fraction"], r["min_layer"], layers, num_layers, checkpoint_cost)
     best = None
     for m in ([min_layer] if min_layer is not None else layers):
         lo, hi = 0, len(THRESHOLD_GRID) - 1
@@ -373,17 +390,17 @@ def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float
             else:
                 lo = mid + 1
         r = evaluate(THRESHOLD_GRID[lo], m)
-        if best is None or r["skipped_fraction"] > best["skipped_fraction"]:
+        if best is None or net(r) > net(best):
             best = r
     return best
 
 
-def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, min_layer: int | None) -> dict:
+def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, min_layer: int | None,
+                   num_layers: int, checkpoint_cost: float) -> dict:
     """The "default" point (the calibration's targets) and every named preset, sharing evaluations."""
-    presets = {"default": choose_propagated(evaluate, layers, target, max_ppl, min_layer)}
-    for name, (agree, ppl) in PRESETS.items():
-        presets[name] = choose_propagated(evaluate, layers, agree, ppl, min_layer)
-    return presets
+    choose = lambda agree, ppl: choose_propagated(evaluate, layers, agree, ppl, min_layer,  # noqa: E731
+                                                  num_layers, checkpoint_cost)
+    return {"default": choose(target, max_ppl), **{name: choose(*bar) for name, bar in PRESETS.items()}}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -480,13 +497,14 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                 r = inner(t, m)
                 bar.update(int(fresh))
                 return r
-            presets = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer)
+            presets = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer,
+                                     col.num_layers, cfg.checkpoint_cost)
             propagated = presets["default"]
         evaluations = list(evaluate.results.values())
         chosen = propagated
     else:
         post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
-                               cfg.min_layer)
+                               cfg.min_layer, cfg.checkpoint_cost)
         chosen = None if post is None else {"threshold": post[0], "min_layer": post[1], **post[2]}
     if chosen is None:      # nothing meets the targets: exits stay off unless asked for
         threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
@@ -516,6 +534,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
                "presets": presets,
                "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
+               "checkpoint_cost": cfg.checkpoint_cost,
                "kl_bound": cfg.kl_bound if cfg.criterion == "kl" else None,
                "temperatures": {str(c): p.temperature for c, p in projections.items() if p is not None},
                "calibration_dtype": str(col.dtype).replace("torch.", ""),
@@ -538,7 +557,9 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
         evaluate.results[(r["threshold"], r["min_layer"])] = r
     targets = ckpt.extra.get("targets", {})
     ckpt.extra["presets"] = choose_presets(evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
-                                           targets.get("max_ppl_increase", cfg.max_ppl_increase), None)
+                                           targets.get("max_ppl_increase", cfg.max_ppl_increase), None,
+                                           ckpt.model.num_layers, cfg.checkpoint_cost)
+    ckpt.extra["checkpoint_cost"] = cfg.checkpoint_cost
     ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
     ckpt.save(path)
     print_report(ckpt)
@@ -567,13 +588,20 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     if pr:
         print(f"  propagated: {pr['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
               f"{pr['top1_agreement']:.4f}, perplexity ratio {pr['ppl_ratio']:.4f}")
+    cost = x.get("checkpoint_cost")
     for name, p in x.get("presets", {}).items():
         if p is None:
             print(f"  preset {name:<8}: none of the points met its target (exits off)")
-        else:
-            print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']}: "
-                  f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
-                  f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
+            continue
+        n_ckpt = sum(c >= p["min_layer"] for c in ckpt.layers)
+        print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']} ({n_ckpt} checkpoints): "
+              f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
+              f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
+        if cost is not None:
+            net = net_layers_saved(p["skipped_fraction"], p["min_layer"], ckpt.layers, ckpt.model.num_layers, cost)
+            saved = p["skipped_fraction"] * ckpt.model.num_layers
+            print(f"    {saved:.2f} layers skipped per token against {n_ckpt} x {cost} for its checkpoints: "
+                  f"net {net:+.2f} layers" + ("" if net > 0 else "; expected slower than stock vLLM"))
     if ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets: the suggested threshold 1.0 keeps exits off; "
               "pass an explicit threshold to trade quality for speed")
@@ -600,6 +628,9 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--select-tokens", type=int, default=CalibrationConfig.select_tokens,
                    help="validation tokens for the propagated choice of threshold and depth (0: post hoc)")
+    p.add_argument("--checkpoint-cost", type=float, default=CalibrationConfig.checkpoint_cost,
+                   help="cost of running one checkpoint, in decoder layers; a point must skip more than the "
+                        "checkpoints it runs cost to beat a deeper one (0: the most skipping wins)")
     p.add_argument("--seed", type=int, default=CalibrationConfig.seed)
     a = p.parse_args(argv)
     return CalibrationConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})
