@@ -561,6 +561,9 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
                                            ckpt.model.num_layers, cfg.checkpoint_cost)
     ckpt.extra["checkpoint_cost"] = cfg.checkpoint_cost
     ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
+    if ckpt.extra["presets"]["default"] is not None:    # the suggestion is the default preset, as calibrate() makes it
+        ckpt.extra["propagated"] = chosen = ckpt.extra["presets"]["default"]
+        ckpt.suggested_threshold, ckpt.suggested_min_layer = chosen["threshold"], chosen["min_layer"]
     ckpt.save(path)
     print_report(ckpt)
     return ckpt
@@ -594,7 +597,8 @@ def print_report(ckpt: RouterCheckpoint) -> None:
             print(f"  preset {name:<8}: none of the points met its target (exits off)")
             continue
         n_ckpt = sum(c >= p["min_layer"] for c in ckpt.layers)
-        print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']} ({n_ckpt} checkpoints): "
+        print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']} "
+              f"({n_ckpt} checkpoint{'' if n_ckpt == 1 else 's'}): "
               f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
               f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
         if cost is not None:
