@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 MODES = {"decode_b1": (1, 16, 64), "decode_b8": (8, 16, 64), "prefill": (4, 480, 1)}  # batch, prompt, new tokens
@@ -24,6 +25,9 @@ MODES = {"decode_b1": (1, 16, 64), "decode_b8": (8, 16, 64), "prefill": (4, 480,
 def worker(args) -> None:
     """Hold one engine; answer each stdin line (a mode) with one JSON line."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Two engines stay resident side by side: without a fixed KV-cache size, vLLM on CPU reserves
+    # 92% of memory for the first and the second cannot start.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     kw = dict(model=args.model, dtype=args.dtype, enforce_eager=args.execution == "eager", max_model_len=1024, block_size=32, seed=0,
               enable_prefix_caching=False)
@@ -69,12 +73,14 @@ class Engine:
             cmd += ["--threshold", str(args.threshold)]
         if args.min_layer is not None:
             cmd += ["--min-layer", str(args.min_layer)]
+        self.log = tempfile.TemporaryFile("w+")     # the engine's log, shown if it fails
         self.p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+                                  stderr=self.log, text=True)
         for line in self.p.stdout:
             if line.startswith("READY"):
                 return
-        raise RuntimeError(f"{kind} engine failed to start")
+        self.log.seek(0)
+        raise RuntimeError(f"{kind} engine failed to start:\n{self.log.read()[-3000:]}")
 
     def run(self, mode: str) -> dict:
         time.sleep(0.5)   # let the other engine's OpenMP threads stop spinning before timing this one
