@@ -73,8 +73,8 @@ def evaluate(args) -> dict:
         from vllm_tide import exit_stats
         result["text_stats"] = exit_stats(llm)
         reset_exit_stats(llm)
-    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat), SamplingParams(temperature=0, max_tokens=args.gen_tokens),
-                       use_tqdm=False)
+    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat),
+                       SamplingParams(temperature=0, max_tokens=args.gen_tokens), use_tqdm=False)
     result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
     if args.worker_threshold is not None:
         result["gen_stats"] = exit_stats(llm)
