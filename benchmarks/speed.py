@@ -94,6 +94,7 @@ class Engine:
     def close(self):
         self.p.stdin.close()
         self.p.wait(timeout=60)
+        self.log.close()
 
 
 def main() -> None:

@@ -315,11 +315,15 @@ def exit_summary(exit_at: torch.Tensor, metrics: dict[int, ExitMetrics], num_lay
             "skipped_fraction": skipped.sum().item() / (len(exit_at) * num_layers)}
 
 
+def checkpoints_run(layers: list[int], min_layer: int) -> int:
+    """Every checkpoint from min_layer on runs for every token, whether or not it exits there."""
+    return sum(c >= min_layer for c in layers)
+
+
 def net_layers_saved(skipped_fraction: float, min_layer: int, layers: list[int], num_layers: int,
                      checkpoint_cost: float) -> float:
-    """Decoder layers a point saves per token, less what its checkpoints cost: every checkpoint from
-    min_layer on runs for every token, whether or not it exits there."""
-    return skipped_fraction * num_layers - checkpoint_cost * sum(c >= min_layer for c in layers)
+    """Decoder layers a point saves per token, less what its checkpoints cost."""
+    return skipped_fraction * num_layers - checkpoint_cost * checkpoints_run(layers, min_layer)
 
 
 def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None,
@@ -596,7 +600,7 @@ def print_report(ckpt: RouterCheckpoint) -> None:
         if p is None:
             print(f"  preset {name:<8}: none of the points met its target (exits off)")
             continue
-        n_ckpt = sum(c >= p["min_layer"] for c in ckpt.layers)
+        n_ckpt = checkpoints_run(ckpt.layers, p["min_layer"])
         print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']} "
               f"({n_ckpt} checkpoint{'' if n_ckpt == 1 else 's'}): "
               f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
