@@ -76,6 +76,7 @@ def evaluate(args) -> dict:
     gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat),
                        SamplingParams(temperature=0, max_tokens=args.gen_tokens), use_tqdm=False)
     result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
+    result["generation_prompt_tokens"] = [len(o.prompt_token_ids) for o in gen]
     if args.worker_threshold is not None:
         result["gen_stats"] = exit_stats(llm)
     return result
@@ -187,6 +188,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "chat": args.chat, "model": args.model, "router": args.router,
+                       "generation_prompt_tokens": stock["generation_prompt_tokens"],
                        "min_layer": args.min_layer, "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
                       f, indent=1)
 

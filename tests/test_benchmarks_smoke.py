@@ -38,7 +38,14 @@ def run_with_router(tmp_path, script, fire_at, *args, seed=0):
 def test_quality_benchmark_smoke(tmp_path):
     result = run_with_router(tmp_path, "quality.py", {27: "some"}, "--split", "dev", "--tokens", "300", "--chunk", "128",
                              "--gen-prompts", "3", "--gen-tokens", "6", "--thresholds", "0.5", "1.0", "--chat", seed=2)
-    assert result["chat"] is True
+    # the questions went through the model's chat template
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    with open(os.path.join(ROOT, "data", "gsm8k", "test.jsonl")) as f:
+        questions = [json.loads(line)["question"] for line in f][:3]
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+            for q in questions]
+    assert result["generation_prompt_tokens"] == [len(tok(text, add_special_tokens=False)["input_ids"]) for text in chat]
     rows = {r["threshold"]: r for r in result["rows"]}
     off = rows[1.0]
     assert off["top1_agreement"] == 1.0 and off["ppl_ratio"] == pytest.approx(1.0, abs=1e-9)
