@@ -6,8 +6,12 @@
 Teacher-forced, through vLLM's prompt_logprobs (so prefill exits and propagated K/V are measured):
 top-1 agreement with stock at every position and the perplexity ratio TIDE/stock. In generation:
 greedy continuations of GSM8K questions, the fraction identical to stock and the mean position of the
-first differing token. Stock runs in its own process with the plugin unloaded; each threshold runs
-in a fresh process too. Pick settings on --split dev, report them on --split test.
+first differing token. One changed token changes the rest of a greedy continuation, so identity
+compounds the per-token rate over the whole length; the per-token rate on the same distribution is
+measured too: stock's own transcripts (prompt + its greedy continuation) teacher-forced through TIDE,
+top-1 agreement at the continuation's positions. Stock runs in its own process with the plugin
+unloaded; each threshold runs in a fresh process too. Pick settings on --split dev, report them on
+--split test.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -79,10 +84,29 @@ def evaluate(args) -> dict:
     result["generation_prompt_tokens"] = [len(o.prompt_token_ids) for o in gen]
     if args.worker_threshold is not None:
         result["gen_stats"] = exit_stats(llm)
+        reset_exit_stats(llm)
+        with open(args.transcripts) as f:
+            transcripts = json.load(f)
+    else:   # stock: its own greedy transcripts, which every TIDE worker then reads
+        transcripts = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in gen]
+    result["transcripts"] = transcripts
+    result["transcript_top1"] = continuation_top1(llm, transcripts, result["generation_prompt_tokens"])
+    if args.worker_threshold is not None:
+        result["transcript_stats"] = exit_stats(llm)
     return result
 
 
-def run_worker(args, threshold: float | None, min_layer: int | None = None) -> dict:
+def continuation_top1(llm, transcripts: list[list[int]], prompt_lens: list[int]) -> list[list[int]]:
+    """Teacher-forced top-1 prediction of each continuation token of each transcript."""
+    from vllm import SamplingParams
+    outs = llm.generate([{"prompt_token_ids": t} for t in transcripts],
+                        SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    # prompt_logprobs[j] scores token j, predicted at position j - 1: keep the continuation's tokens
+    return [[next(t for t, lp in entry.items() if lp.rank == 1) for entry in o.prompt_logprobs[plen:]]
+            for o, plen in zip(outs, prompt_lens)]
+
+
+def run_worker(args, threshold: float | None, min_layer: int | None = None, transcripts: str | None = None) -> dict:
     env = dict(os.environ)
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--router", args.router, "--split", args.split,
            "--tokens", str(args.tokens), "--chunk", str(args.chunk), "--dtype", args.dtype,
@@ -92,7 +116,7 @@ def run_worker(args, threshold: float | None, min_layer: int | None = None) -> d
     if threshold is None:
         env["VLLM_PLUGINS"] = "none-stock"
     else:
-        cmd += ["--worker-threshold", str(threshold)]
+        cmd += ["--worker-threshold", str(threshold), "--transcripts", transcripts]
     if min_layer is not None:
         cmd += ["--min-layer", str(min_layer)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -132,7 +156,8 @@ def compare(stock: dict, tide: dict) -> dict:
     agree = sum(a == b for a, b in zip(stock["top1"], tide["top1"])) / n
     ppl = lambda lps: math.exp(-sum(lps) / len(lps))  # noqa: E731
     gens = list(zip(stock["generations"], tide["generations"]))
-    t, g = tide["text_stats"], tide["gen_stats"]
+    t, g, c = tide["text_stats"], tide["gen_stats"], tide["transcript_stats"]
+    pairs = [(a, b) for sa, ta in zip(stock["transcript_top1"], tide["transcript_top1"]) for a, b in zip(sa, ta)]
     return {"top1_agreement": agree, "ppl_stock": ppl(stock["logprob"]), "ppl_tide": ppl(tide["logprob"]),
             "ppl_ratio": ppl(tide["logprob"]) / ppl(stock["logprob"]),
             "gen_exact_match": sum(a == b for a, b in gens) / len(gens),
@@ -142,7 +167,15 @@ def compare(stock: dict, tide: dict) -> dict:
             "text_exits_per_layer": t["exits_per_layer"],
             "gen_skipped_layer_fraction": g["skipped_layer_fraction"],
             "gen_partial_layer_fraction": g["partial_layer_fraction"],
-            "gen_exits_per_layer": g["exits_per_layer"], "tokens": n}
+            "gen_exits_per_layer": g["exits_per_layer"],
+            "transcript_agreement": sum(a == b for a, b in pairs) / len(pairs), "transcript_positions": len(pairs),
+            "transcript_partial_layer_fraction": c["partial_layer_fraction"],
+            "transcript_exits_per_layer": c["exits_per_layer"], "tokens": n}
+
+
+def self_agreement(stock: dict) -> float:
+    pairs = [(a, b) for gen, top1 in zip(stock["generations"], stock["transcript_top1"]) for a, b in zip(gen, top1)]
+    return sum(a == b for a, b in pairs) / len(pairs)
 
 
 def main() -> None:
@@ -163,32 +196,40 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-threshold", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--transcripts", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("JSON" + json.dumps(evaluate(args)))
         return
     t0 = time.time()
     stock = run_worker(args, None)
+    transcripts = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    with transcripts:
+        json.dump(stock["transcripts"], transcripts)
     rows = []
     print(f"{args.split} split, {len(stock['top1'])} teacher-forced tokens, {args.gen_prompts} GSM8K prompts"
           f"{' (chat template)' if args.chat else ''} "
           f"x {args.gen_tokens} tokens; router {args.router}")
-    print(f"{'threshold':>9} {'top1 agr':>8} {'ppl ratio':>9} {'gen exact':>9} {'1st diff':>8} "
+    print(f"{'threshold':>9} {'top1 agr':>8} {'ppl ratio':>9} {'gen exact':>9} {'1st diff':>8} {'transcr':>7} "
           f"{'skip(text)':>10} {'part(text)':>10} {'skip(gen)':>9} {'part(gen)':>9}")
     for point in operating_points(args):
-        r = {**point, **compare(stock, run_worker(args, point["threshold"], point["min_layer"]))}
+        r = {**point, **compare(stock, run_worker(args, point["threshold"], point["min_layer"], transcripts.name))}
         rows.append(r)
         label = f"{point['threshold']}" if "preset" not in point else \
             f"{point['preset']} {point['threshold']}/{point['min_layer']}"
         print(f"{label:>9} {r['top1_agreement']:>8.4f} {r['ppl_ratio']:>9.4f} {r['gen_exact_match']:>9.2f} "
-              f"{r['gen_mean_first_divergence']:>8.1f} {r['text_skipped_layer_fraction']:>10.4f} "
+              f"{r['gen_mean_first_divergence']:>8.1f} {r['transcript_agreement']:>7.4f} "
+              f"{r['text_skipped_layer_fraction']:>10.4f} "
               f"{r['text_partial_layer_fraction']:>10.4f} {r['gen_skipped_layer_fraction']:>9.4f} "
               f"{r['gen_partial_layer_fraction']:>9.4f}", flush=True)
+    os.unlink(transcripts.name)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "chat": args.chat, "model": args.model, "router": args.router,
                        "generation_prompt_tokens": stock["generation_prompt_tokens"],
+                       # stock's teacher-forced top-1 on its own transcripts against its greedy tokens: ~1
+                       "stock_transcript_self_agreement": self_agreement(stock),
                        "min_layer": args.min_layer, "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
                       f, indent=1)
 

@@ -50,7 +50,12 @@ def test_quality_benchmark_smoke(tmp_path):
     off = rows[1.0]
     assert off["top1_agreement"] == 1.0 and off["ppl_ratio"] == pytest.approx(1.0, abs=1e-9)
     assert off["gen_exact_match"] == 1.0 and off["text_partial_layer_fraction"] == 0.0
+    # transcripts: the continuation positions of stock's own greedy transcripts (an off-by-one would
+    # score each token against itself and agree almost never)
+    assert result["stock_transcript_self_agreement"] >= 0.9
+    assert off["transcript_agreement"] == 1.0 and off["transcript_positions"] == 3 * 6
     on = rows[0.5]
+    assert on["transcript_positions"] == 3 * 6 and on["transcript_exits_per_layer"]["27"] > 0
     assert 0 < on["text_exits_per_layer"]["27"] and 0 < on["text_partial_layer_fraction"] < 1
     assert 0 <= on["top1_agreement"] <= 1 and on["ppl_ratio"] > 0 and on["tokens"] == off["tokens"] > 250
 
