@@ -49,6 +49,28 @@ def generate(args, tide: dict | None) -> dict:
     return out
 
 
+def explain_exits_off(tide: dict) -> None:
+    """When the router's setting keeps exits off (calibration found no point that meets its bar and
+    pays for its checkpoints), say so, and show that best point anyway: a demo of early exit that
+    exits nothing would show nothing."""
+    from vllm_tide.checkpoint import OFF, RouterCheckpoint
+    from vllm_tide.settings import TideSettings
+    ckpt = RouterCheckpoint.load(tide["router"])
+    threshold, _ = TideSettings.parse(tide).resolve(ckpt)
+    if threshold < OFF:
+        return
+    name = tide.get("preset", "default")
+    point = (ckpt.extra.get("unpaid") or {}).get(name)
+    print(f"The router's {name} setting keeps exits off on this model: calibration found no operating point "
+          f"that meets its quality bar and saves more than its checkpoints cost, so `vllm serve --plugin tide` "
+          f"runs stock vLLM's forward by default.")
+    if point is not None:
+        tide.update(threshold=point["threshold"], min_layer=point["min_layer"])
+        print(f"Shown below anyway at the best point meeting the bar (threshold {point['threshold']}, min layer "
+              f"{point['min_layer']}; {point['skipped_fraction']:.3f} of token-layers skipped on validation), "
+              f"which the calibration report expects to be slower than stock.")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -73,6 +95,7 @@ def main():
         tide["threshold"] = args.threshold
     if args.preset is not None:
         tide["preset"] = args.preset
+    explain_exits_off(tide)
     mine = generate(args, tide)
     same = 0
     for prompt, a, b in zip(PROMPTS, stock["texts"], mine["texts"]):

@@ -190,7 +190,8 @@ def main() -> int:
         os.remove(router)                      # loaded once at start-up: its absence must not matter
         before = tide_metrics(http(f"{base}/metrics")[1])
         from vllm_tide.checkpoint import RouterCheckpoint
-        want = args.threshold if args.threshold is not None else RouterCheckpoint.load(args.router).suggested_threshold
+        from vllm_tide.settings import TideSettings
+        want, _ = TideSettings(router=args.router, threshold=args.threshold).resolve(RouterCheckpoint.load(args.router))
         check(abs(before.get("vllm:tide_threshold", -1) - want) < 1e-6,
               f"/metrics vllm:tide_threshold is {before.get('vllm:tide_threshold')}, the engine runs {want}")
 

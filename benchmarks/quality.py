@@ -131,16 +131,22 @@ def operating_points(args) -> list[dict]:
     if not args.presets:
         return [{"threshold": t, "min_layer": args.min_layer} for t in args.thresholds]
     from vllm_tide.checkpoint import RouterCheckpoint
-    stored = RouterCheckpoint.load(args.router).extra.get("presets", {})
+    extra = RouterCheckpoint.load(args.router).extra
+    stored, unpaid = extra.get("presets", {}), extra.get("unpaid") or {}
     points = []
     for name in args.presets:
         if name not in stored:
             sys.exit(f"The router {args.router} has no preset {name!r}; it has {sorted(stored)}.")
-        if stored[name] is None:
-            print(f"preset {name}: none of the calibration's points met its bar (exits off); skipped")
-            continue
-        points.append({"preset": name, "threshold": stored[name]["threshold"], "min_layer": stored[name]["min_layer"],
-                       "validation_propagated": stored[name]})
+        point, off = stored[name], stored[name] is None
+        if off:     # exits off: that is stock, so measure the best point that met its bar but did not pay
+            point = unpaid.get(name)
+            if point is None:
+                print(f"preset {name}: none of the calibration's points met its bar (exits off); skipped")
+                continue
+            print(f"preset {name} keeps exits off (its best point does not pay for its checkpoints); "
+                  f"measuring that point, {point['threshold']}/{point['min_layer']}")
+        points.append({"preset": name, "threshold": point["threshold"], "min_layer": point["min_layer"],
+                       "exits_off_by_default": off, "validation_propagated": point})
     return points
 
 
@@ -216,13 +222,15 @@ def main() -> None:
         r = {**point, **compare(stock, run_worker(args, point["threshold"], point["min_layer"], transcripts.name))}
         rows.append(r)
         label = f"{point['threshold']}" if "preset" not in point else \
-            f"{point['preset']} {point['threshold']}/{point['min_layer']}"
+            f"{point['preset']}{'*' if point['exits_off_by_default'] else ''} {point['threshold']}/{point['min_layer']}"
         print(f"{label:>9} {r['top1_agreement']:>8.4f} {r['ppl_ratio']:>9.4f} {r['gen_exact_match']:>9.2f} "
               f"{r['gen_mean_first_divergence']:>8.1f} {r['transcript_agreement']:>7.4f} "
               f"{r['text_skipped_layer_fraction']:>10.4f} "
               f"{r['text_partial_layer_fraction']:>10.4f} {r['gen_skipped_layer_fraction']:>9.4f} "
               f"{r['gen_partial_layer_fraction']:>9.4f}", flush=True)
     os.unlink(transcripts.name)
+    if any(r.get("exits_off_by_default") for r in rows):
+        print("* the preset keeps exits off (stock's output): its best point, which does not pay for its checkpoints")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -129,3 +129,23 @@ def test_frontier_choice_and_report(tmp_path):
     assert "| default | kl:affine | 0.99 | 11 |" in (tmp_path / "frontier.md").read_text()
     for png in ("frontier.png", "exit_histogram.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+def test_demo_shows_the_best_point_when_the_default_keeps_exits_off(tmp_path, capsys):
+    """The demo of early exit must exit: when the router's default keeps exits off (no point paid for
+    its checkpoints), it says so and runs the default bar's best point explicitly."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import demo
+    path = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, path, {27: "some"}, threshold=1.0, min_layer=27)
+    ckpt.extra["presets"] = {"default": None, "fast": {"threshold": 0.5, "min_layer": 27, "skipped_fraction": 0.02}}
+    ckpt.extra["unpaid"] = {"default": {"threshold": 0.8, "min_layer": 27, "skipped_fraction": 0.007}}
+    ckpt.save(path)
+    tide = {"router": path}
+    demo.explain_exits_off(tide)
+    assert tide == {"router": path, "threshold": 0.8, "min_layer": 27}
+    assert "keeps exits off" in capsys.readouterr().out
+    for exits in ({"router": path, "preset": "fast"}, {"router": path, "threshold": 0.9}):
+        before = dict(exits)
+        demo.explain_exits_off(exits)
+        assert exits == before and capsys.readouterr().out == ""

@@ -37,7 +37,7 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection):
     ckpt = calibrate(CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000,
                                        seq_len=128, interval=2, epochs=2, dtype="float32", criterion=criterion,
                                        exit_projection=projection, kl_bound=2.0, target_agreement=0.5,
-                                       max_ppl_increase=10.0, select_tokens=256))
+                                       max_ppl_increase=10.0, select_tokens=256, checkpoint_cost=0.0))
     back = RouterCheckpoint.load(out)
     assert back.layers == [1, 3] and 5 not in back.layers          # never the final layer
     assert back.tokens == ckpt.tokens >= 2500
@@ -177,8 +177,19 @@ def test_operating_point_choice_pays_for_its_checkpoints():
     assert (pick(0.0)["threshold"], pick(0.0)["min_layer"]) == (0.9, 3)
     assert pick(0.1)["min_layer"] == 3            # nets 0.5, 0.44, 0.38
     assert pick(0.2)["min_layer"] == 11           # nets 0.2, 0.24, 0.28
-    assert pick(0.5)["min_layer"] == 11           # nets -0.7, -0.36, -0.02
+    assert pick(0.5)["min_layer"] == 11           # nets -0.7, -0.36, -0.02: the best, though it does not pay
     assert net_layers_saved(0.05, 3, layers, num_layers, 0.5) == pytest.approx(0.8 - 1.5)
     assert choose_propagated(evaluate, layers, 0.9, None, 7, num_layers, 0.5)["min_layer"] == 7   # a fixed minimum
     assert choose_propagated(evaluate, layers, 1.0, None, None, num_layers, 0.5) is None         # no point meets it
-    assert choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.0)["fast"] == evaluate(0.9, 3)
+    presets, unpaid = choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.0)
+    assert presets["fast"] == evaluate(0.9, 3) and presets["default"] == evaluate(0.9, 3) and unpaid == {}
+    nothing = lambda t, m: {**evaluate(t, m), "skipped_fraction": 0.0}  # noqa: E731
+    assert choose_presets(nothing, layers, 0.9, 0.02, None, num_layers, 0.0)[0]["default"] == nothing(0.9, 3)
+    # a preset is only a point that pays: at cost 0.5 the 0.9 bar's best nets -0.02 layers, so exits off;
+    # the 0.9 "fast" bar is the same bar here, and "balanced" (0.95) nets 0.05*0.3*16 - 0.5 = -0.26
+    presets, unpaid = choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.5)
+    assert presets == {"default": None, "balanced": None, "fast": None}
+    assert unpaid["default"] == unpaid["fast"] == evaluate(0.9, 11) and unpaid["balanced"]["threshold"] == 0.95
+    presets, unpaid = choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.2)
+    assert presets["default"] == presets["fast"] == evaluate(0.9, 11) and unpaid == {}
+    assert presets["balanced"] == evaluate(0.95, 11)       # nets -0.2, -0.08, +0.04

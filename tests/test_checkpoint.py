@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from vllm_tide.checkpoint import RouterCheckpoint, check_threshold, checkpoint_layers
+from vllm_tide.checkpoint import OFF, RouterCheckpoint, check_threshold, checkpoint_layers
 from vllm_tide.errors import TideConfigError
 from vllm_tide.fingerprint import ModelIdentity, model_identity
 from vllm_tide.projection import ExitProjection
@@ -155,7 +155,12 @@ def test_settings_parse():
     ckpt.extra["presets"] = {"default": None, "fast": {"threshold": 0.7, "min_layer": 3}}
     assert TideSettings.parse({"router": "r", "preset": "fast"}).resolve(ckpt) == (0.7, 3)
     assert TideSettings.parse({"router": "r", "preset": "fast", "threshold": 0.9}).resolve(ckpt) == (0.9, 3)
-    assert TideSettings.parse({"router": "r", "preset": "default"}).resolve(ckpt) == (1.0, 7)
+    # ... and exits off is OFF (the stock forward), while an explicit 1.0 stays 1.0 (routers run, never fire)
+    assert TideSettings.parse({"router": "r", "preset": "default"}).resolve(ckpt) == (OFF, 7)
+    assert TideSettings.parse({"router": "r", "preset": "default", "threshold": 1.0}).resolve(ckpt) == (1.0, 7)
+    ckpt.suggested_threshold = 1.0      # what calibration suggests when no point meets its bar and pays
+    assert TideSettings.parse({"router": "r"}).resolve(ckpt) == (OFF, 7)
+    assert TideSettings.parse({"router": "r", "threshold": 1.0}).resolve(ckpt) == (1.0, 7)
     with pytest.raises(TideConfigError, match="has no preset 'balanced'"):
         TideSettings.parse({"router": "r", "preset": "balanced"}).resolve(ckpt)
 

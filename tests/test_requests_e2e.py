@@ -100,3 +100,30 @@ def test_bad_request_parameters_are_clear_errors_and_the_engine_goes_on(tmp_path
         out = llm.generate(["Hi"], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 3
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
+
+
+def test_a_router_whose_default_is_exits_off_runs_stock(tmp_path):
+    """Calibration leaves the default at exits off when no point pays for its checkpoints: then the
+    engine runs stock vLLM's forward without a single router call, and a request that sets its own
+    threshold still exits."""
+    from vllm_tide import exit_stats, reset_exit_stats
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"}, threshold=1.0, min_layer=15)   # the suggestion: off
+    want = stock_tokens(DEFAULT_MODEL, PROMPTS[:3], 8)
+
+    def count_routes(model):
+        engine, calls = model.tide, []
+        route = engine._route
+        engine._route = lambda *a, **kw: (calls.append(1), route(*a, **kw))[1]
+        engine.route_calls = calls
+
+    def check(llm):
+        llm.apply_model(count_routes)
+        calls = lambda: llm.apply_model(lambda m: len(m.tide.route_calls))[0]  # noqa: E731
+        outs = llm.generate(PROMPTS[:3], params(8), use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == want
+        assert calls() == 0 and exit_stats(llm)["threshold"] == 2.0
+        reset_exit_stats(llm)
+        own = llm.generate(PROMPTS[:1], params(8, threshold=0.5), use_tqdm=False)
+        assert calls() > 0 and exit_stats(llm)["exits_per_layer"][15] == 8 + len(own[0].prompt_token_ids) - 1
+    with_engine(DEFAULT_MODEL, {"router": router}, check)

@@ -59,7 +59,8 @@ class CalibrationConfig:
     min_layer: int | None = None  # None: chosen on the validation slice
     select_tokens: int = 4096     # validation tokens for the propagated choice; 0: post-hoc choice only
     # What running one checkpoint costs (router, exit decision, host sync), in decoder layers: points
-    # meeting a bar are compared by layers skipped per token less the checkpoints they run.
+    # meeting a bar are compared by layers skipped per token less the checkpoints they run, and a
+    # preset whose best point does not pay keeps exits off.
     checkpoint_cost: float = 0.5
     seed: int = 0
 
@@ -328,9 +329,10 @@ def net_layers_saved(skipped_fraction: float, min_layer: int, layers: list[int],
 
 def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None,
                     checkpoint_cost: float):
-    """The (threshold, min_layer) with the largest net saving whose post-hoc fidelity meets the targets."""
+    """The (threshold, min_layer) with the largest positive net saving whose post-hoc fidelity meets the targets."""
     layers = sorted(scores)
-    best, best_net = None, -math.inf
+    # a point must pay for its checkpoints (see choose_presets), unless they are taken to cost nothing
+    best, best_net = None, (-math.inf if checkpoint_cost <= 0 else 0.0)
     for m in ([min_layer] if min_layer is not None else layers):
         for t in THRESHOLD_GRID:
             r = exit_summary(simulate_exits(scores, t, m), metrics, num_layers)
@@ -400,11 +402,22 @@ def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float
 
 
 def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, min_layer: int | None,
-                   num_layers: int, checkpoint_cost: float) -> dict:
-    """The "default" point (the calibration's targets) and every named preset, sharing evaluations."""
+                   num_layers: int, checkpoint_cost: float) -> tuple[dict, dict]:
+    """The "default" point (the calibration's targets) and every named preset, sharing evaluations.
+
+    Returns (presets, unpaid). A preset is only a point that pays for its checkpoints (net saving
+    > 0): one that does not is slower than stock vLLM and, meeting the bar but not exactly, no
+    better in quality, so exits off beats it on both counts. Such a preset is None (exits off) and
+    its best point is kept in ``unpaid``, for the report to show. A checkpoint cost of 0 keeps
+    every point that meets its bar (the rule before costs were counted).
+    """
     choose = lambda agree, ppl: choose_propagated(evaluate, layers, agree, ppl, min_layer,  # noqa: E731
                                                   num_layers, checkpoint_cost)
-    return {"default": choose(target, max_ppl), **{name: choose(*bar) for name, bar in PRESETS.items()}}
+    best = {"default": choose(target, max_ppl), **{name: choose(*bar) for name, bar in PRESETS.items()}}
+    pays = {name: p is not None and (checkpoint_cost <= 0 or net_layers_saved(
+        p["skipped_fraction"], p["min_layer"], layers, num_layers, checkpoint_cost) > 0) for name, p in best.items()}
+    return ({name: p if pays[name] else None for name, p in best.items()},
+            {name: p for name, p in best.items() if p is not None and not pays[name]})
 
 
 # ----------------------------------------------------------------------------- driver
@@ -489,7 +502,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                        "exit_kl_median": kl.median().item(), "_labels": y_val})
 
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
-    propagated, evaluations, presets = None, [], {}
+    propagated, evaluations, presets, unpaid = None, [], {}, {}
     if cfg.select_tokens > 0:
         evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
                                   {c: p for c, p in projections.items() if p is not None}, col.num_layers)
@@ -501,8 +514,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                 r = inner(t, m)
                 bar.update(int(fresh))
                 return r
-            presets = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase, cfg.min_layer,
-                                     col.num_layers, cfg.checkpoint_cost)
+            presets, unpaid = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase,
+                                             cfg.min_layer, col.num_layers, cfg.checkpoint_cost)
             propagated = presets["default"]
         evaluations = list(evaluate.results.values())
         chosen = propagated
@@ -510,7 +523,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
                                cfg.min_layer, cfg.checkpoint_cost)
         chosen = None if post is None else {"threshold": post[0], "min_layer": post[1], **post[2]}
-    if chosen is None:      # nothing meets the targets: exits stay off unless asked for
+    if chosen is None:      # nothing meets the targets and pays for its checkpoints: exits stay off unless asked for
         threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
     else:
         threshold, min_layer = chosen["threshold"], chosen["min_layer"]
@@ -528,7 +541,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         row["exit_rate"] = fire.float().mean().item()
         row["post_hoc_top1_agreement"] = r["top1_agreement"]
         row["post_hoc_ppl_ratio"] = r["ppl_ratio"]
-    overall = exit_summary(simulate_exits(val_scores, threshold, min_layer), val_m, col.num_layers)
+    overall = {"threshold": threshold, "min_layer": min_layer,
+               **exit_summary(simulate_exits(val_scores, threshold, min_layer), val_m, col.num_layers)}
     ckpt = RouterCheckpoint(
         model=col.identity, layers=layers, bottleneck=cfg.bottleneck, routers=routers,
         projection=cfg.exit_projection, projections={c: p for c, p in projections.items() if p is not None},
@@ -536,7 +550,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         suggested_min_layer=min_layer,
         extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
-               "presets": presets,
+               "presets": presets, "unpaid": unpaid,
                "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
                "checkpoint_cost": cfg.checkpoint_cost,
                "kl_bound": cfg.kl_bound if cfg.criterion == "kl" else None,
@@ -560,14 +574,18 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     for r in ckpt.extra.get("propagated_evaluations", []):
         evaluate.results[(r["threshold"], r["min_layer"])] = r
     targets = ckpt.extra.get("targets", {})
-    ckpt.extra["presets"] = choose_presets(evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
-                                           targets.get("max_ppl_increase", cfg.max_ppl_increase), None,
-                                           ckpt.model.num_layers, cfg.checkpoint_cost)
+    ckpt.extra["presets"], ckpt.extra["unpaid"] = choose_presets(
+        evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
+        targets.get("max_ppl_increase", cfg.max_ppl_increase), None, ckpt.model.num_layers, cfg.checkpoint_cost)
     ckpt.extra["checkpoint_cost"] = cfg.checkpoint_cost
     ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
-    if ckpt.extra["presets"]["default"] is not None:    # the suggestion is the default preset, as calibrate() makes it
-        ckpt.extra["propagated"] = chosen = ckpt.extra["presets"]["default"]
-        ckpt.suggested_threshold, ckpt.suggested_min_layer = chosen["threshold"], chosen["min_layer"]
+    # the suggestion is the default preset, as calibrate() makes it; the post-hoc figures stay those
+    # of the point they were measured at (they need the validation states)
+    ckpt.extra["post_hoc"].setdefault("threshold", ckpt.suggested_threshold)
+    ckpt.extra["post_hoc"].setdefault("min_layer", ckpt.suggested_min_layer)
+    ckpt.extra["propagated"] = chosen = ckpt.extra["presets"]["default"]
+    ckpt.suggested_threshold, ckpt.suggested_min_layer = \
+        (1.0, ckpt.layers[-1]) if chosen is None else (chosen["threshold"], chosen["min_layer"])
     ckpt.save(path)
     print_report(ckpt)
     return ckpt
@@ -577,8 +595,10 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     x = ckpt.extra
     print(f"\nTIDE calibration: {ckpt.tokens} tokens ({ckpt.corpus}), criterion={ckpt.criterion}, "
           f"exit projection={ckpt.projection}, {x['seconds']} s")
+    ph = x["post_hoc"]
+    at = (ph.get("threshold", ckpt.suggested_threshold), ph.get("min_layer", ckpt.suggested_min_layer))
     print(f"validation ({x['validation_tokens']} tokens); exit rate, precision, recall and post-hoc fidelity "
-          f"at the suggested threshold {ckpt.suggested_threshold}:")
+          f"at threshold {at[0]}:")
     print(f"{'layer':>5} {'pos.rate':>8} {'AUC':>6} {'T':>6} {'exit':>6} {'prec.':>6} {'recall':>6} "
           f"{'top1 agr':>8} {'ppl ratio':>9}")
     temps = x.get("temperatures", {})
@@ -587,32 +607,39 @@ def print_report(ckpt: RouterCheckpoint) -> None:
         print(f"{r['layer']:>5} {r['positive_rate']:>8.3f} {r['auc']:>6.3f} {'-' if t is None else f'{t:.3f}':>6} "
               f"{r['exit_rate']:>6.3f} {r['precision']:>6.3f} {r['recall']:>6.3f} "
               f"{r['post_hoc_top1_agreement']:>8.4f} {r['post_hoc_ppl_ratio']:>9.4f}")
-    ph, pr, tg = x["post_hoc"], x.get("propagated"), x["targets"]
+    pr, tg = x.get("propagated"), x["targets"]
     print(f"suggested threshold {ckpt.suggested_threshold}, min layer {ckpt.suggested_min_layer} "
           f"(targets: top-1 agreement >= {tg['top1_agreement']}, perplexity <= +{tg['max_ppl_increase']:.0%})")
-    print(f"  post hoc:   {ph['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
+    where = "" if at == (ckpt.suggested_threshold, ckpt.suggested_min_layer) else f" (at threshold {at[0]}, min layer {at[1]})"
+    print(f"  post hoc{where}:   {ph['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
           f"{ph['top1_agreement']:.4f}, perplexity ratio {ph['ppl_ratio']:.4f}")
     if pr:
         print(f"  propagated: {pr['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
               f"{pr['top1_agreement']:.4f}, perplexity ratio {pr['ppl_ratio']:.4f}")
     cost = x.get("checkpoint_cost")
+    unpaid = x.get("unpaid") or {}
     for name, p in x.get("presets", {}).items():
-        if p is None:
+        q = p if p is not None else unpaid.get(name)
+        if q is None:
             print(f"  preset {name:<8}: none of the points met its target (exits off)")
             continue
-        n_ckpt = checkpoints_run(ckpt.layers, p["min_layer"])
-        print(f"  preset {name:<8}: threshold {p['threshold']}, min layer {p['min_layer']} "
+        n_ckpt = checkpoints_run(ckpt.layers, q["min_layer"])
+        head = "" if p is not None else "exits off; its best point, "
+        print(f"  preset {name:<8}: {head}threshold {q['threshold']}, min layer {q['min_layer']} "
               f"({n_ckpt} checkpoint{'' if n_ckpt == 1 else 's'}): "
-              f"{p['skipped_fraction']:.3f} skipped, agreement {p['top1_agreement']:.4f}, "
-              f"perplexity ratio {p['ppl_ratio']:.4f} (propagated)")
+              f"{q['skipped_fraction']:.3f} skipped, agreement {q['top1_agreement']:.4f}, "
+              f"perplexity ratio {q['ppl_ratio']:.4f} (propagated)")
         if cost is not None:
-            net = net_layers_saved(p["skipped_fraction"], p["min_layer"], ckpt.layers, ckpt.model.num_layers, cost)
-            saved = p["skipped_fraction"] * ckpt.model.num_layers
+            net = net_layers_saved(q["skipped_fraction"], q["min_layer"], ckpt.layers, ckpt.model.num_layers, cost)
+            saved = q["skipped_fraction"] * ckpt.model.num_layers
             print(f"    {saved:.2f} layers skipped per token against {n_ckpt} x {cost} for its checkpoints: "
-                  f"net {net:+.2f} layers" + ("" if net > 0 else "; expected slower than stock vLLM"))
+                  f"net {net:+.2f} layers" + ("" if net > 0 else
+                                             "; it would be slower than stock vLLM, so the preset keeps exits off "
+                                             f"(use it anyway with --tide-threshold {q['threshold']} "
+                                             f"--tide-min-layer {q['min_layer']})"))
     if ckpt.suggested_threshold >= 1.0:
-        print("  no operating point met the targets: the suggested threshold 1.0 keeps exits off; "
-              "pass an explicit threshold to trade quality for speed")
+        print("  no operating point met the targets and paid for its checkpoints: the router's default keeps exits "
+              "off (stock vLLM's forward); pass an explicit threshold to trade quality for speed")
 
 
 def parse_args(argv=None) -> CalibrationConfig:
@@ -637,8 +664,9 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--select-tokens", type=int, default=CalibrationConfig.select_tokens,
                    help="validation tokens for the propagated choice of threshold and depth (0: post hoc)")
     p.add_argument("--checkpoint-cost", type=float, default=CalibrationConfig.checkpoint_cost,
-                   help="cost of running one checkpoint, in decoder layers; a point must skip more than the "
-                        "checkpoints it runs cost to beat a deeper one (0: the most skipping wins)")
+                   help="cost of running one checkpoint, in decoder layers: a point must skip more than its "
+                        "checkpoints cost, else the preset keeps exits off (0: every point meeting the bar "
+                        "counts and the most skipping wins)")
     p.add_argument("--seed", type=int, default=CalibrationConfig.seed)
     a = p.parse_args(argv)
     return CalibrationConfig(**{k.replace("-", "_"): v for k, v in vars(a).items()})

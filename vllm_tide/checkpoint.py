@@ -16,7 +16,7 @@ from .router import ROUTER_INPUT
 FORMAT_NAME = "vllm-tide-router"
 FORMAT_VERSION = 1
 CRITERIA = ("top1", "cosine", "kl")
-__all__ = ["CRITERIA", "PROJECTIONS", "RouterCheckpoint", "checkpoint_layers", "check_threshold"]
+__all__ = ["CRITERIA", "OFF", "PROJECTIONS", "RouterCheckpoint", "checkpoint_layers", "check_threshold"]
 
 
 def checkpoint_layers(num_layers: int, interval: int) -> list[int]:
@@ -26,6 +26,12 @@ def checkpoint_layers(num_layers: int, interval: int) -> list[int]:
         raise TideConfigError(f"The checkpoint interval must be between 1 and {num_layers - 1} for a "
                               f"{num_layers}-layer model, got {interval}; pass an --interval in that range.")
     return list(range(interval - 1, num_layers - 1, interval))
+
+
+# The threshold of exits off: no router score (a sigmoid, <= 1) exceeds it, and a step in which every
+# token has it runs stock vLLM's forward. Explicit settings stop at 1.0, which runs the routers but
+# never exits (to measure their overhead).
+OFF = 2.0
 
 
 def check_threshold(threshold: float) -> float:

@@ -27,7 +27,7 @@ import torch
 
 from . import ops
 from .checkpoint import RouterCheckpoint
-from .request_control import OFF
+from .checkpoint import OFF
 from .kv_cache import write_layers_kv
 from .compiled_layers import SegmentRunner
 from .stats import ExitCounters
@@ -241,8 +241,8 @@ class EarlyExitEngine:
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
         thr = self.step_thresholds
-        if thr is None:
-            return None, True
+        if thr is None:     # every request at the engine's threshold (OFF: the router's default is exits off)
+            return None, self.threshold < OFF
         if thr.numel() < n:        # padded rows never exit
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
         return thr[:n], self.step_min < OFF

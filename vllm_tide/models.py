@@ -12,7 +12,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from .checkpoint import RouterCheckpoint
+from .checkpoint import OFF, RouterCheckpoint
 from .compiled_layers import SegmentRunner
 from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from .plugin import patch_worker
@@ -51,8 +51,14 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
                             "with your adapters; partial layers compute every row under LoRA.")
             self.tide_counters = self.tide.counters
             patch_worker()
-            logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
-                        base.__name__, settings.router, threshold, min_layer, self.tide.layers)
+            if threshold >= OFF:
+                logger.info("TIDE on %s: the router %s's %s keeps exits off (calibration found no operating point "
+                            "that meets its quality bar and saves more than its checkpoints cost), so requests run "
+                            "stock vLLM's forward unless they set tide_threshold; see the router's calibration report.",
+                            base.__name__, settings.router, f"preset {settings.preset!r}" if settings.preset else "default")
+            else:
+                logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
+                            base.__name__, settings.router, threshold, min_layer, self.tide.layers)
 
         def load_weights(self, weights):
             loaded = super().load_weights(weights)

@@ -73,7 +73,7 @@ def tide_config_from_args(args) -> dict | None:
 def check_request(engine_args) -> bool:
     """Validate a TIDE request against the model's files and settings; turn CUDA graphs off and pin the
     V1 model runner. Returns whether TIDE is on."""
-    from .checkpoint import RouterCheckpoint
+    from .checkpoint import OFF, RouterCheckpoint
     from .fingerprint import model_identity, resolve_model_dir
     from .settings import TideSettings
     raw = (engine_args.additional_config or {}).get("tide") if isinstance(engine_args.additional_config, dict) else None
@@ -102,7 +102,8 @@ def check_request(engine_args) -> bool:
     threshold, min_layer = settings.resolve(ckpt)
     _no_cuda_graphs(engine_args)
     _pin_v1_model_runner()
-    logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router, threshold, min_layer)
+    logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router,
+                "off (the router's setting)" if threshold >= OFF else threshold, min_layer)
     return True
 
 

@@ -23,12 +23,13 @@ import logging
 import numpy as np
 import torch
 
+from .checkpoint import OFF
+
 logger = logging.getLogger("vllm.tide")
 
 THRESHOLD_KEY = "tide_threshold"
 ENABLED_KEY = "tide_enabled"
 KEYS = (THRESHOLD_KEY, ENABLED_KEY)
-OFF = 2.0      # a threshold no router score (a sigmoid, <= 1) can exceed
 
 
 def _error(message: str, parameter: str, value):

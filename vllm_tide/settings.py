@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checkpoint import RouterCheckpoint, check_threshold
+from .checkpoint import OFF, RouterCheckpoint, check_threshold
 from .errors import TideConfigError
 
 KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset"}
@@ -54,7 +54,9 @@ class TideSettings:
 
     def resolve(self, ckpt: RouterCheckpoint) -> tuple[float, int]:
         """Threshold and minimum exit depth in force: explicit settings win over a preset, which wins
-        over the checkpoint's suggestion."""
+        over the checkpoint's suggestion. A preset or suggestion of exits off (calibration found no
+        point that meets its bar and pays for its checkpoints) gives OFF: stock vLLM's forward, without
+        the routers, for every request that does not set its own threshold."""
         base_t, base_m = ckpt.suggested_threshold, ckpt.suggested_min_layer
         if self.preset is not None:
             presets = ckpt.extra.get("presets") or {}
@@ -62,9 +64,11 @@ class TideSettings:
                 raise TideConfigError(f"The TIDE router {self.router} has no preset {self.preset!r}; it has "
                                       f"{sorted(presets) or 'none (recalibrate with this vllm-tide)'}.")
             p = presets[self.preset]
-            # a preset whose target no point met keeps exits off
-            base_t, base_m = (1.0, ckpt.layers[-1]) if p is None else (p["threshold"], p["min_layer"])
-        threshold = self.threshold if self.threshold is not None else check_threshold(base_t)
+            base_t, base_m = (OFF, ckpt.layers[-1]) if p is None else (p["threshold"], p["min_layer"])
+        if self.threshold is not None:
+            threshold = self.threshold
+        else:
+            threshold = OFF if base_t >= 1.0 else check_threshold(base_t)
         min_layer = self.min_layer if self.min_layer is not None else base_m
         if min_layer >= ckpt.model.num_layers:
             raise TideConfigError(f"The TIDE min_layer {min_layer} is not below the model's {ckpt.model.num_layers} "
