@@ -52,10 +52,11 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             self.tide_counters = self.tide.counters
             patch_worker()
             if threshold >= OFF:
-                logger.info("TIDE on %s: the router %s's %s keeps exits off (calibration found no operating point "
-                            "that meets its quality bar and saves more than its checkpoints cost), so requests run "
-                            "stock vLLM's forward unless they set tide_threshold; see the router's calibration report.",
-                            base.__name__, settings.router, f"preset {settings.preset!r}" if settings.preset else "default")
+                logger.info("TIDE early exit on %s: router %s, whose %s keeps exits off (calibration found no "
+                            "operating point that meets its quality bar and saves more than its checkpoints cost), so "
+                            "requests run stock vLLM's forward unless they set tide_threshold; see the router's "
+                            "calibration report.", base.__name__, settings.router,
+                            f"preset {settings.preset!r}" if settings.preset else "default")
             else:
                 logger.info("TIDE early exit on %s: router %s, threshold %s, min layer %d, checkpoints %s",
                             base.__name__, settings.router, threshold, min_layer, self.tide.layers)
