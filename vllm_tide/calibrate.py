@@ -610,7 +610,8 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     pr, tg = x.get("propagated"), x["targets"]
     print(f"suggested threshold {ckpt.suggested_threshold}, min layer {ckpt.suggested_min_layer} "
           f"(targets: top-1 agreement >= {tg['top1_agreement']}, perplexity <= +{tg['max_ppl_increase']:.0%})")
-    where = "" if at == (ckpt.suggested_threshold, ckpt.suggested_min_layer) else f" (at threshold {at[0]}, min layer {at[1]})"
+    where = "" if at == (ckpt.suggested_threshold, ckpt.suggested_min_layer) else \
+        f" (at threshold {at[0]}, min layer {at[1]})"
     print(f"  post hoc{where}:   {ph['skipped_fraction']:.3f} of token-layers after exits, top-1 agreement "
           f"{ph['top1_agreement']:.4f}, perplexity ratio {ph['ppl_ratio']:.4f}")
     if pr:

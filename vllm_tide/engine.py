@@ -26,8 +26,7 @@ import logging
 import torch
 
 from . import ops
-from .checkpoint import RouterCheckpoint
-from .checkpoint import OFF
+from .checkpoint import OFF, RouterCheckpoint
 from .kv_cache import write_layers_kv
 from .compiled_layers import SegmentRunner
 from .stats import ExitCounters
