@@ -26,9 +26,10 @@ def corpus(tmp_path):
 
 
 @needs_tokenizer
-@pytest.mark.parametrize("family,criterion,projection", [("llama", "top1", "identity"), ("qwen2", "kl", "temperature"),
-                                                         ("qwen3", "cosine", "affine")])
-def test_calibration_end_to_end(tmp_path, family, criterion, projection):
+@pytest.mark.parametrize("family,criterion,projection,cost", [("llama", "top1", "identity", 100.0),
+                                                              ("qwen2", "kl", "temperature", 0.0),
+                                                              ("qwen3", "cosine", "affine", 0.0)])
+def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     from vllm_tide.simulate import ExitSimulator
     from transformers import AutoModelForCausalLM
     model = make_tiny_model(family, str(tmp_path / "m"), DEFAULT_MODEL, num_layers=6)
@@ -37,7 +38,7 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection):
     ckpt = calibrate(CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000,
                                        seq_len=128, interval=2, epochs=2, dtype="float32", criterion=criterion,
                                        exit_projection=projection, kl_bound=2.0, target_agreement=0.5,
-                                       max_ppl_increase=10.0, select_tokens=256, checkpoint_cost=0.0))
+                                       max_ppl_increase=10.0, select_tokens=256, checkpoint_cost=cost))
     back = RouterCheckpoint.load(out)
     assert back.layers == [1, 3] and 5 not in back.layers          # never the final layer
     assert back.tokens == ckpt.tokens >= 2500
@@ -45,21 +46,27 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection):
     assert sorted(back.projections) == ([] if projection == "identity" else [1, 3])
     rows = back.extra["validation"]
     assert [r["layer"] for r in rows] == [1, 3] and all(0 <= r["positive_rate"] <= 1 for r in rows)
-    # the suggestion is the propagated measurement's, and re-simulating it independently reproduces it
-    chosen = back.extra["propagated"]
-    assert chosen is not None and (chosen["threshold"], chosen["min_layer"]) == \
-        (back.suggested_threshold, back.suggested_min_layer)
-    assert chosen["top1_agreement"] >= 0.5 and chosen["ppl_ratio"] <= 11.0
-    assert len(back.extra["propagated_evaluations"]) >= 2
-    presets = back.extra["presets"]
+    presets, chosen = back.extra["presets"], back.extra["propagated"]
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
-    for p in presets.values():      # each preset met its own agreement target in the measurement
+    assert len(back.extra["propagated_evaluations"]) >= 2
+    if cost > 0:    # no point saves 100 layers per checkpoint: every preset keeps exits off
+        assert chosen is None and back.suggested_threshold == 1.0 and set(presets.values()) == {None}
+        # the best points are kept, and the post-hoc report describes the default bar's
+        chosen = back.extra["unpaid"]["default"]
+        assert (back.extra["post_hoc"]["threshold"], back.extra["post_hoc"]["min_layer"]) == \
+            (chosen["threshold"], chosen["min_layer"])
+    else:           # the suggestion is the propagated measurement's
+        assert chosen is not None and (chosen["threshold"], chosen["min_layer"]) == \
+            (back.suggested_threshold, back.suggested_min_layer) and back.extra["unpaid"] == {}
+    assert chosen["top1_agreement"] >= 0.5 and chosen["ppl_ratio"] <= 11.0
+    for p in [*presets.values(), *back.extra["unpaid"].values()]:   # each met its bar in the measurement
         assert p is None or p in back.extra["propagated_evaluations"]
+    # re-simulating the point independently
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    sim = ExitSimulator.from_checkpoint(hf, back, back.suggested_threshold, back.suggested_min_layer)
+    sim = ExitSimulator.from_checkpoint(hf, back, chosen["threshold"], chosen["min_layer"])
     logits, exit_at, _ = sim.run(list(range(100, 228)))
     assert logits.shape == (128, 49152) and torch.isfinite(logits).all()
-    assert set(exit_at.tolist()) <= {-1, 1, 3} and all(e < 0 or e >= back.suggested_min_layer for e in exit_at.tolist())
+    assert set(exit_at.tolist()) <= {-1, 1, 3} and all(e < 0 or e >= chosen["min_layer"] for e in exit_at.tolist())
 
 
 def _states(z: dict, final, top1, target):

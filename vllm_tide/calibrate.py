@@ -527,22 +527,26 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
     else:
         threshold, min_layer = chosen["threshold"], chosen["min_layer"]
+    # the post-hoc report describes the suggestion or, when that is exits off, the default bar's
+    # best point (at 1.0 every figure would read "nothing exits")
+    shown = chosen or unpaid.get("default") or {"threshold": threshold, "min_layer": min_layer}
 
     for row in report:
         y_val = row.pop("_labels")
         c = row["layer"]
-        fire = val_scores[c] > threshold
+        fire = val_scores[c] > shown["threshold"]
         tp = (fire & y_val).sum().item()
         row["precision"] = tp / max(fire.sum().item(), 1)
         row["recall"] = tp / max(y_val.sum().item(), 1)
-        # post hoc, as if only this checkpoint's router fired at the suggested threshold
+        # post hoc, as if only this checkpoint's router fired at that threshold
         only = torch.where(fire, c, -1)
         r = exit_summary(only, {c: val_m[c]}, col.num_layers)
         row["exit_rate"] = fire.float().mean().item()
         row["post_hoc_top1_agreement"] = r["top1_agreement"]
         row["post_hoc_ppl_ratio"] = r["ppl_ratio"]
-    overall = {"threshold": threshold, "min_layer": min_layer,
-               **exit_summary(simulate_exits(val_scores, threshold, min_layer), val_m, col.num_layers)}
+    overall = {"threshold": shown["threshold"], "min_layer": shown["min_layer"],
+               **exit_summary(simulate_exits(val_scores, shown["threshold"], shown["min_layer"]), val_m,
+                              col.num_layers)}
     ckpt = RouterCheckpoint(
         model=col.identity, layers=layers, bottleneck=cfg.bottleneck, routers=routers,
         projection=cfg.exit_projection, projections={c: p for c, p in projections.items() if p is not None},
