@@ -179,3 +179,24 @@ def test_fingerprint_tracks_weights_as_stored(tmp_path):
     assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
     assert (a.architecture, a.num_layers, a.hidden_size, a.vocab_size) == ("LlamaForCausalLM", 2, 4, 10)
     assert model_identity(str(tmp_path / "a")) == a
+
+
+def test_cuda_graphs_off_warns_when_the_router_keeps_exits_off(monkeypatch):
+    """On a GPU, TIDE turns CUDA graphs off; with a router whose default keeps exits off that makes
+    plain requests slower than stock vLLM, and the warning must say so (emulated: a CUDA platform)."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    from vllm_tide import plugin
+    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
+    said = []
+    monkeypatch.setattr(plugin.logger, "warning", lambda msg, *a: said.append(msg % a))
+    for exits_off in (False, True):
+        args = SimpleNamespace(enforce_eager=False, compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"})
+        plugin._no_cuda_graphs(args, exits_off=exits_off)
+        assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert "CUDA graphs are off" in said[0] and "keeps exits off" not in said[0]
+    assert "keeps exits off" in said[1] and "drop --plugin tide" in said[1]

@@ -100,7 +100,7 @@ def check_request(engine_args) -> bool:
     ckpt = RouterCheckpoint.load(settings.router)
     ckpt.check_model(identity, settings.router)
     threshold, min_layer = settings.resolve(ckpt)
-    _no_cuda_graphs(engine_args)
+    _no_cuda_graphs(engine_args, exits_off=threshold >= OFF)
     _pin_v1_model_runner()
     logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router,
                 "off (the router's setting)" if threshold >= OFF else threshold, min_layer)
@@ -126,10 +126,12 @@ def _pin_v1_model_runner() -> None:
         logger.info("TIDE: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0 for this process).")
 
 
-def _no_cuda_graphs(engine_args) -> None:
+def _no_cuda_graphs(engine_args, exits_off: bool = False) -> None:
     """A CUDA graph would freeze one path through TIDE's exit branches, so graphs are turned off.
 
     torch.compile stays as the user set it: runs of layers between checkpoints are compiled (compiled_layers).
+    When the router's default keeps exits off, requests without their own threshold then run stock's
+    forward without CUDA graphs, which on a GPU is slower than stock vLLM: the warning says so.
     """
     from vllm.config import CompilationConfig, CUDAGraphMode
     if engine_args.enforce_eager:
@@ -141,7 +143,10 @@ def _no_cuda_graphs(engine_args) -> None:
         from vllm.platforms import current_platform
         if current_platform.is_cuda_alike():
             logger.warning("TIDE: CUDA graphs are off (per-token exits branch at every checkpoint); "
-                           "decoder layers still run torch.compiled.")
+                           "decoder layers still run torch.compiled.%s",
+                           " This router's default keeps exits off, so requests without their own tide_threshold "
+                           "run stock's forward without CUDA graphs, slower than stock vLLM: drop --plugin tide, or "
+                           "set --tide-threshold or --tide-preset to exit." if exits_off else "")
         cc.cudagraph_mode = CUDAGraphMode.NONE
 
 
