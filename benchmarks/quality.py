@@ -163,7 +163,6 @@ def compare(stock: dict, tide: dict) -> dict:
     ppl = lambda lps: math.exp(-sum(lps) / len(lps))  # noqa: E731
     gens = list(zip(stock["generations"], tide["generations"]))
     t, g, c = tide["text_stats"], tide["gen_stats"], tide["transcript_stats"]
-    pairs = [(a, b) for sa, ta in zip(stock["transcript_top1"], tide["transcript_top1"]) for a, b in zip(sa, ta)]
     return {"top1_agreement": agree, "ppl_stock": ppl(stock["logprob"]), "ppl_tide": ppl(tide["logprob"]),
             "ppl_ratio": ppl(tide["logprob"]) / ppl(stock["logprob"]),
             "gen_exact_match": sum(a == b for a, b in gens) / len(gens),
@@ -174,13 +173,15 @@ def compare(stock: dict, tide: dict) -> dict:
             "gen_skipped_layer_fraction": g["skipped_layer_fraction"],
             "gen_partial_layer_fraction": g["partial_layer_fraction"],
             "gen_exits_per_layer": g["exits_per_layer"],
-            "transcript_agreement": sum(a == b for a, b in pairs) / len(pairs), "transcript_positions": len(pairs),
+            "transcript_agreement": token_agreement(stock["transcript_top1"], tide["transcript_top1"]),
+            "transcript_positions": sum(map(len, tide["transcript_top1"])),
             "transcript_partial_layer_fraction": c["partial_layer_fraction"],
             "transcript_exits_per_layer": c["exits_per_layer"], "tokens": n}
 
 
-def self_agreement(stock: dict) -> float:
-    pairs = [(a, b) for gen, top1 in zip(stock["generations"], stock["transcript_top1"]) for a, b in zip(gen, top1)]
+def token_agreement(xs: list[list[int]], ys: list[list[int]]) -> float:
+    """The fraction of equal tokens, position by position, over paired token lists."""
+    pairs = [(a, b) for x, y in zip(xs, ys) for a, b in zip(x, y)]
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
@@ -237,7 +238,8 @@ def main() -> None:
             json.dump({"split": args.split, "chat": args.chat, "model": args.model, "router": args.router,
                        "generation_prompt_tokens": stock["generation_prompt_tokens"],
                        # stock's teacher-forced top-1 on its own transcripts against its greedy tokens: ~1
-                       "stock_transcript_self_agreement": self_agreement(stock),
+                       "stock_transcript_self_agreement": token_agreement(stock["generations"],
+                                                                          stock["transcript_top1"]),
                        "min_layer": args.min_layer, "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0), "rows": rows},
                       f, indent=1)
 

@@ -327,17 +327,25 @@ def net_layers_saved(skipped_fraction: float, min_layer: int, layers: list[int],
     return skipped_fraction * num_layers - checkpoint_cost * checkpoints_run(layers, min_layer)
 
 
+def pays(net: float, checkpoint_cost: float) -> bool:
+    """Whether a point's net saving justifies exits at all: one that saves no more than its checkpoints
+    cost is slower than stock vLLM and, meeting its bar but not exactly, no better in quality, so exits
+    off beats it on both counts. A checkpoint cost of 0 keeps every point (the rule before costs)."""
+    return checkpoint_cost <= 0 or net > 0
+
+
 def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: float, min_layer: int | None,
                     checkpoint_cost: float):
-    """The (threshold, min_layer) with the largest positive net saving whose post-hoc fidelity meets the targets."""
+    """The (threshold, min_layer) with the largest net saving, among those that pay, whose post-hoc
+    fidelity meets the targets."""
     layers = sorted(scores)
-    # a point must pay for its checkpoints (see choose_presets), unless they are taken to cost nothing
-    best, best_net = None, (-math.inf if checkpoint_cost <= 0 else 0.0)
+    best, best_net = None, -math.inf
     for m in ([min_layer] if min_layer is not None else layers):
         for t in THRESHOLD_GRID:
             r = exit_summary(simulate_exits(scores, t, m), metrics, num_layers)
             net = net_layers_saved(r["skipped_fraction"], m, layers, num_layers, checkpoint_cost)
-            if r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl and net > best_net:
+            if r["top1_agreement"] >= target and r["ppl_ratio"] <= 1 + max_ppl and pays(net, checkpoint_cost) \
+                    and net > best_net:
                 best, best_net = (t, m, r), net
     return best
 
@@ -405,19 +413,17 @@ def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, m
                    num_layers: int, checkpoint_cost: float) -> tuple[dict, dict]:
     """The "default" point (the calibration's targets) and every named preset, sharing evaluations.
 
-    Returns (presets, unpaid). A preset is only a point that pays for its checkpoints (net saving
-    > 0): one that does not is slower than stock vLLM and, meeting the bar but not exactly, no
-    better in quality, so exits off beats it on both counts. Such a preset is None (exits off) and
-    its best point is kept in ``unpaid``, for the report to show. A checkpoint cost of 0 keeps
-    every point that meets its bar (the rule before costs were counted).
+    Returns (presets, unpaid). A preset is only a point that pays(); one whose best point does not
+    is None (exits off), and that point is kept in ``unpaid`` for the report to show.
     """
     choose = lambda agree, ppl: choose_propagated(evaluate, layers, agree, ppl, min_layer,  # noqa: E731
                                                   num_layers, checkpoint_cost)
     best = {"default": choose(target, max_ppl), **{name: choose(*bar) for name, bar in PRESETS.items()}}
-    pays = {name: p is not None and (checkpoint_cost <= 0 or net_layers_saved(
-        p["skipped_fraction"], p["min_layer"], layers, num_layers, checkpoint_cost) > 0) for name, p in best.items()}
-    return ({name: p if pays[name] else None for name, p in best.items()},
-            {name: p for name, p in best.items() if p is not None and not pays[name]})
+    paid = {name: p is not None and pays(net_layers_saved(p["skipped_fraction"], p["min_layer"], layers, num_layers,
+                                                          checkpoint_cost), checkpoint_cost)
+            for name, p in best.items()}
+    return ({name: p if paid[name] else None for name, p in best.items()},
+            {name: p for name, p in best.items() if p is not None and not paid[name]})
 
 
 # ----------------------------------------------------------------------------- driver
@@ -464,6 +470,14 @@ def collect(cfg: CalibrationConfig) -> Collected:
     lm_w = model.get_output_embeddings().weight.detach().cpu()
     return Collected(model, identity, num_layers, layers, train, val, val_seqs, lm_w, corpus_name, dtype,
                      time.time() - t0)
+
+
+def suggestion(chosen: dict | None, layers: list[int], min_layer: int | None = None) -> tuple[float, int]:
+    """The checkpoint's suggested (threshold, min_layer): the default preset's point, or exits off (1.0)
+    when nothing meets the targets and pays for its checkpoints."""
+    if chosen is None:
+        return 1.0, (min_layer if min_layer is not None else layers[-1])
+    return chosen["threshold"], chosen["min_layer"]
 
 
 def _select_seqs(seqs: list[list[int]], tokens: int) -> list[list[int]]:
@@ -523,10 +537,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         post = choose_post_hoc(val_scores, val_m, col.num_layers, cfg.target_agreement, cfg.max_ppl_increase,
                                cfg.min_layer, cfg.checkpoint_cost)
         chosen = None if post is None else {"threshold": post[0], "min_layer": post[1], **post[2]}
-    if chosen is None:      # nothing meets the targets and pays for its checkpoints: exits stay off unless asked for
-        threshold, min_layer = 1.0, (cfg.min_layer if cfg.min_layer is not None else layers[-1])
-    else:
-        threshold, min_layer = chosen["threshold"], chosen["min_layer"]
+    threshold, min_layer = suggestion(chosen, layers, cfg.min_layer)
     # the post-hoc report describes the suggestion or, when that is exits off, the default bar's
     # best point (at 1.0 every figure would read "nothing exits")
     shown = chosen or unpaid.get("default") or {"threshold": threshold, "min_layer": min_layer}
@@ -588,8 +599,7 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     ckpt.extra["post_hoc"].setdefault("threshold", ckpt.suggested_threshold)
     ckpt.extra["post_hoc"].setdefault("min_layer", ckpt.suggested_min_layer)
     ckpt.extra["propagated"] = chosen = ckpt.extra["presets"]["default"]
-    ckpt.suggested_threshold, ckpt.suggested_min_layer = \
-        (1.0, ckpt.layers[-1]) if chosen is None else (chosen["threshold"], chosen["min_layer"])
+    ckpt.suggested_threshold, ckpt.suggested_min_layer = suggestion(chosen, ckpt.layers)
     ckpt.save(path)
     print_report(ckpt)
     return ckpt
@@ -637,11 +647,12 @@ def print_report(ckpt: RouterCheckpoint) -> None:
         if cost is not None:
             net = net_layers_saved(q["skipped_fraction"], q["min_layer"], ckpt.layers, ckpt.model.num_layers, cost)
             saved = q["skipped_fraction"] * ckpt.model.num_layers
+            # from the choice itself: at cost 0 a kept point may net nothing
+            verdict = "" if net > 0 else "; expected slower than stock vLLM" if p is not None else \
+                ("; it would be slower than stock vLLM, so the preset keeps exits off "
+                 f"(use it anyway with --tide-threshold {q['threshold']} --tide-min-layer {q['min_layer']})")
             print(f"    {saved:.2f} layers skipped per token against {n_ckpt} x {cost} for its checkpoints: "
-                  f"net {net:+.2f} layers" + ("" if net > 0 else
-                                             "; it would be slower than stock vLLM, so the preset keeps exits off "
-                                             f"(use it anyway with --tide-threshold {q['threshold']} "
-                                             f"--tide-min-layer {q['min_layer']})"))
+                  f"net {net:+.2f} layers{verdict}")
     if ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets and paid for its checkpoints: the router's default keeps exits "
               "off (stock vLLM's forward); pass an explicit threshold to trade quality for speed")

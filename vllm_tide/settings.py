@@ -64,7 +64,8 @@ class TideSettings:
                 raise TideConfigError(f"The TIDE router {self.router} has no preset {self.preset!r}; it has "
                                       f"{sorted(presets) or 'none (recalibrate with this vllm-tide)'}.")
             p = presets[self.preset]
-            base_t, base_m = (OFF, ckpt.layers[-1]) if p is None else (p["threshold"], p["min_layer"])
+            # a preset no paying point met keeps exits off, like a suggestion of 1.0
+            base_t, base_m = (1.0, ckpt.layers[-1]) if p is None else (p["threshold"], p["min_layer"])
         if self.threshold is not None:
             threshold = self.threshold
         else:
