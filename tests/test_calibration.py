@@ -1,4 +1,5 @@
 """Calibration end to end on tiny models built here; labels checked against an independent computation."""
+import math
 import os
 
 import pytest
@@ -38,7 +39,8 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     ckpt = calibrate(CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000,
                                        seq_len=128, interval=2, epochs=2, dtype="float32", criterion=criterion,
                                        exit_projection=projection, kl_bound=2.0, target_agreement=0.5,
-                                       max_ppl_increase=10.0, select_tokens=256, checkpoint_cost=cost))
+                                       max_ppl_increase=10.0, select_tokens=256, answer_tokens=96,
+                                       checkpoint_cost=cost))
     back = RouterCheckpoint.load(out)
     assert back.layers == [1, 3] and 5 not in back.layers          # never the final layer
     assert back.tokens == ckpt.tokens >= 2500
@@ -48,7 +50,9 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     assert [r["layer"] for r in rows] == [1, 3] and all(0 <= r["positive_rate"] <= 1 for r in rows)
     presets, chosen = back.extra["presets"], back.extra["propagated"]
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
-    assert len(back.extra["propagated_evaluations"]) >= 2
+    assert len(back.extra["propagated_evaluations"]) >= 2 and back.extra["answer_tokens"] == 96
+    for r in back.extra["propagated_evaluations"]:    # judged on the text and on the model's own answers
+        assert set(r["by_set"]) == {"text", "answers"} and r["skipped_fraction"] == r["by_set"]["answers"]["skipped_fraction"]
     if cost > 0:    # no point saves 100 layers per checkpoint: every preset keeps exits off
         assert chosen is None and back.suggested_threshold == 1.0 and set(presets.values()) == {None}
         # the best points are kept, and the post-hoc report describes the default bar's
@@ -200,3 +204,75 @@ def test_operating_point_choice_pays_for_its_checkpoints():
     presets, unpaid = choose_presets(evaluate, layers, 0.9, 0.02, None, num_layers, 0.2)
     assert presets["default"] == presets["fast"] == evaluate(0.9, 11) and unpaid == {}
     assert presets["balanced"] == evaluate(0.95, 11)       # nets -0.2, -0.08, +0.04
+
+
+@needs_tokenizer
+def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
+    """The validation answers are the frozen model's greedy continuations of instruction prompts built
+    from validation passages, with the prompt length marking where each answer starts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm_tide import answers
+    model_dir = make_tiny_model("llama", str(tmp_path / "m"), DEFAULT_MODEL, num_layers=4)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    chunks = [tok(" ".join(["the nation is strong and the people are free."] * 30))["input_ids"][i:i + 128]
+              for i in range(0, 256, 64)]
+    got = answers.generate(hf, tok, chunks, tokens=40, max_new_tokens=16)
+    lens = [len(seq) - n for seq, n in got]
+    assert sum(lens) == 40 and lens == [16, 16, 8]
+    for i, (seq, n) in enumerate(got):
+        prompt = tok.decode(seq[:n])
+        assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+        assert answers.INSTRUCTIONS[i] in prompt and "the people are free" in prompt
+        with torch.no_grad():   # teacher-forced argmax at the positions before each answer token
+            top1 = hf(torch.tensor([seq])).logits[0].argmax(-1)
+        assert seq[n:] == top1[n - 1:-1].tolist()
+
+
+@needs_tokenizer
+def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
+    """With answers, a point's fidelity is the worse of text and answers (answer positions only) and its
+    saving is the answers'; each figure matches a direct simulation. Text-only results stored by an older
+    calibration are reused for the text set."""
+    from transformers import AutoModelForCausalLM
+    from helpers import synthetic_router
+    from vllm_tide.calibrate import PropagatedEval
+    from vllm_tide.simulate import ExitSimulator
+    model_dir = make_tiny_model("llama", str(tmp_path / "m"), DEFAULT_MODEL, num_layers=8)
+    ckpt = synthetic_router(model_dir, str(tmp_path / "r.safetensors"), {3: "some", 7: "never"}, interval=4)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
+    g = torch.Generator().manual_seed(1)
+    text = [torch.randint(100, 4000, (48,), generator=g).tolist() for _ in range(2)]
+    answers = [(torch.randint(100, 4000, (40,), generator=g).tolist(), 25), (text[0][:30], 12)]
+    ev = PropagatedEval(hf, text, routers, {}, 8, answers)
+    r = ev(0.5, 0)
+
+    def direct(items):
+        full, sim = ExitSimulator(hf, {}, {}, 1.0, 0), ExitSimulator(hf, routers, {}, 0.5, 0)
+        agree, dnll, after = [], [], []
+        for seq, n in items:
+            s = max(n - 1, 0)
+            (lf, _, _), (le, ex, _) = full.run(seq), sim.run(seq)
+            nxt = torch.tensor(seq[s + 1:])[:, None]
+            agree.append(lf.argmax(-1)[s:-1] == le.argmax(-1)[s:-1])
+            dnll.append(torch.log_softmax(lf[s:-1], -1).gather(1, nxt) - torch.log_softmax(le[s:-1], -1).gather(1, nxt))
+            after.append(torch.where(ex[s:-1] >= 0, 7 - ex[s:-1], 0))
+        a, d, k = torch.cat(agree), torch.cat(dnll).double(), torch.cat(after)
+        return a.float().mean().item(), math.exp(d.mean().item()), k.sum().item() / (len(k) * 8), len(k)
+
+    t_agree, t_ppl, t_skip, t_n = direct([(s, 0) for s in text])
+    a_agree, a_ppl, a_skip, a_n = direct(answers)
+    assert (t_n, a_n) == (2 * 47, 15 + 18)        # answer positions only: 40 - 25 and 30 - 12
+    assert 0 < a_skip < 5 / 8 and 0 < t_skip < 5 / 8 and a_skip != t_skip
+    by = r["by_set"]
+    assert by["text"] == pytest.approx({"top1_agreement": t_agree, "ppl_ratio": t_ppl, "skipped_fraction": t_skip})
+    assert by["answers"] == pytest.approx({"top1_agreement": a_agree, "ppl_ratio": a_ppl, "skipped_fraction": a_skip})
+    assert r["top1_agreement"] == min(t_agree, a_agree) and r["ppl_ratio"] == max(t_ppl, a_ppl)
+    assert r["skipped_fraction"] == a_skip and min(t_agree, a_agree) < 1.0
+    # a result stored without per-set figures is the text set's; only the answers are measured again
+    fresh = PropagatedEval(hf, text, routers, {}, 8, answers)
+    fresh.remember({"threshold": 0.5, "min_layer": 0, "top1_agreement": 0.25, "ppl_ratio": 3.0, "skipped_fraction": 0.5})
+    again = fresh(0.5, 0)
+    assert again["by_set"]["text"]["top1_agreement"] == 0.25 and again["by_set"]["answers"] == by["answers"]
+    assert PropagatedEval(hf, text, routers, {}, 8)(0.5, 0)["skipped_fraction"] == pytest.approx(t_skip)

@@ -58,6 +58,9 @@ class CalibrationConfig:
     max_ppl_increase: float = 0.02
     min_layer: int | None = None  # None: chosen on the validation slice
     select_tokens: int = 4096     # validation tokens for the propagated choice; 0: post-hoc choice only
+    # tokens of the model's own greedy answers (vllm_tide.answers) the propagated choice also judges
+    # points on; 0: validation text only
+    answer_tokens: int = 2048
     # What running one checkpoint costs (router, exit decision, host sync), in decoder layers: points
     # meeting a bar are compared by layers skipped per token less the checkpoints they run, and a
     # preset whose best point does not pay keeps exits off.
@@ -77,6 +80,8 @@ class CalibrationConfig:
             raise TideConfigError(f"--kl-bound must be a positive number of nats, got {self.kl_bound}.")
         if not self.max_ppl_increase >= 0:
             raise TideConfigError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}.")
+        if self.answer_tokens < 0:
+            raise TideConfigError(f"--answer-tokens must be >= 0, got {self.answer_tokens}.")
         if not self.checkpoint_cost >= 0:
             raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
@@ -351,34 +356,62 @@ def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: fl
 
 
 class PropagatedEval:
-    """Fidelity of an operating point measured with K/V propagation on validation sequences, against
-    the full model computed the same way (so numerics cancel)."""
+    """Fidelity and saving of an operating point measured with K/V propagation, against the full model
+    computed the same way (so numerics cancel), on held-out text and, when given, on the model's own
+    answers (vllm_tide.answers; only the answer tokens count). Fidelity must hold on every set; the
+    saving is judged on the answers, what decode steps process (where a checkpoint's cost is paid per
+    token), or on the text when there are none."""
 
-    def __init__(self, model, seqs: list[list[int]], routers: dict[int, Router], projections: dict, num_layers: int):
-        self.model, self.seqs, self.routers, self.projections = model, seqs, routers, projections
+    def __init__(self, model, seqs: list[list[int]], routers: dict[int, Router], projections: dict, num_layers: int,
+                 answers: list[tuple[list[int], int]] = ()):
+        self.model, self.routers, self.projections = model, routers, projections
         self.num_layers = num_layers
-        self.base = self._run(ExitSimulator(model, {}, {}, 1.0, 0))[:2]
+        self.sets = {"text": [(seq, 0) for seq in seqs], **({"answers": list(answers)} if answers else {})}
+        full = ExitSimulator(model, {}, {}, 1.0, 0)
+        self.base = {name: self._run(items, full)[:2] for name, items in self.sets.items()}
+        self.measured: dict[tuple[str, float, int], dict] = {}
         self.results: dict[tuple[float, int], dict] = {}
 
-    def _run(self, sim: ExitSimulator):
+    @staticmethod
+    def _run(items: list[tuple[list[int], int]], sim: ExitSimulator):
+        """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens."""
         top1, nll, exits = [], [], []
-        for seq in self.seqs:
+        for seq, start in items:
             logits, exit_at, _ = sim.run(seq)
-            top1.append(logits.argmax(-1)[:-1])
-            nll.append(-torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0])
-            exits.append(exit_at[:-1])
+            s = max(start - 1, 0)
+            top1.append(logits.argmax(-1)[s:-1])
+            nll.append(-torch.log_softmax(logits[s:-1], -1).gather(1, torch.tensor(seq[s + 1:])[:, None])[:, 0])
+            exits.append(exit_at[s:-1])
         return torch.cat(top1), torch.cat(nll).double(), torch.cat(exits)
+
+    def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
+        key = (name, threshold, min_layer)
+        if key not in self.measured:
+            top1, nll, exit_at = self._run(self.sets[name], sim)
+            after = torch.where(exit_at >= 0, self.num_layers - 1 - exit_at, 0)
+            self.measured[key] = {
+                "top1_agreement": (top1 == self.base[name][0]).float().mean().item(),
+                "ppl_ratio": math.exp((nll - self.base[name][1]).mean().item()),
+                "skipped_fraction": after.sum().item() / (len(after) * self.num_layers)}
+        return self.measured[key]
+
+    def remember(self, r: dict) -> None:
+        """Reuse a stored result: its per-set figures (a result without them was measured on text only)."""
+        for name, m in r.get("by_set", {"text": r}).items():
+            if name in self.sets:
+                self.measured[(name, r["threshold"], r["min_layer"])] = \
+                    {k: m[k] for k in ("top1_agreement", "ppl_ratio", "skipped_fraction")}
 
     def __call__(self, threshold: float, min_layer: int) -> dict:
         key = (threshold, min_layer)
         if key not in self.results:
-            top1, nll, exit_at = self._run(ExitSimulator(self.model, self.routers, self.projections, threshold, min_layer))
-            after = torch.where(exit_at >= 0, self.num_layers - 1 - exit_at, 0)
+            sim = ExitSimulator(self.model, self.routers, self.projections, threshold, min_layer)
+            by = {name: self._measure(name, sim, threshold, min_layer) for name in self.sets}
             self.results[key] = {
                 "threshold": threshold, "min_layer": min_layer,
-                "top1_agreement": (top1 == self.base[0]).float().mean().item(),
-                "ppl_ratio": math.exp((nll - self.base[1]).mean().item()),
-                "skipped_fraction": after.sum().item() / (len(after) * self.num_layers)}
+                "top1_agreement": min(m["top1_agreement"] for m in by.values()),
+                "ppl_ratio": max(m["ppl_ratio"] for m in by.values()),
+                "skipped_fraction": by.get("answers", by["text"])["skipped_fraction"], "by_set": by}
         return self.results[key]
 
 
@@ -438,6 +471,7 @@ class Collected:
     train: States
     val: States
     val_seqs: list[list[int]]
+    answers: list[tuple[list[int], int]]   # (prompt + the model's greedy answer, prompt length)
     lm_w: torch.Tensor
     corpus_name: str
     dtype: torch.dtype
@@ -467,9 +501,16 @@ def collect(cfg: CalibrationConfig) -> Collected:
     train_seqs, val_seqs, corpus_name = load_sequences(tokenizer, cfg)
     train = collect_states(model, train_seqs, layers, cfg.device, "calibration pass")
     val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
+    answers = own_answers(model, tokenizer, val_seqs, cfg)
     lm_w = model.get_output_embeddings().weight.detach().cpu()
-    return Collected(model, identity, num_layers, layers, train, val, val_seqs, lm_w, corpus_name, dtype,
+    return Collected(model, identity, num_layers, layers, train, val, val_seqs, answers, lm_w, corpus_name, dtype,
                      time.time() - t0)
+
+
+def own_answers(model, tokenizer, val_seqs: list[list[int]], cfg: CalibrationConfig) -> list[tuple[list[int], int]]:
+    """The model's greedy answers to instructions about validation passages (none without a propagated choice)."""
+    from . import answers
+    return answers.generate(model, tokenizer, val_seqs, cfg.answer_tokens if cfg.select_tokens > 0 else 0)
 
 
 def suggestion(chosen: dict | None, layers: list[int], min_layer: int | None = None) -> tuple[float, int]:
@@ -519,7 +560,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     propagated, evaluations, presets, unpaid = None, [], {}, {}
     if cfg.select_tokens > 0:
         evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
-                                  {c: p for c, p in projections.items() if p is not None}, col.num_layers)
+                                  {c: p for c, p in projections.items() if p is not None}, col.num_layers,
+                                  col.answers)
         with tqdm(desc="propagated choice", unit="point", file=sys.stderr) as bar:
             inner = evaluate.__call__
 
@@ -564,6 +606,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         criterion=cfg.criterion, corpus=col.corpus_name, tokens=len(train.top1), suggested_threshold=threshold,
         suggested_min_layer=min_layer,
         extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
+               "answer_tokens": sum(len(seq) - n for seq, n in col.answers),
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
                "presets": presets, "unpaid": unpaid,
                "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
@@ -584,15 +627,17 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     tokenizer, model, _ = _load_model(cfg)
     _, val_seqs, _ = load_sequences(tokenizer, cfg)
     routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
+    answers = own_answers(model, tokenizer, val_seqs, cfg)
     evaluate = PropagatedEval(model, _select_seqs(val_seqs, cfg.select_tokens), routers, ckpt.projections,
-                              ckpt.model.num_layers)
+                              ckpt.model.num_layers, answers)
     for r in ckpt.extra.get("propagated_evaluations", []):
-        evaluate.results[(r["threshold"], r["min_layer"])] = r
+        evaluate.remember(r)
     targets = ckpt.extra.get("targets", {})
     ckpt.extra["presets"], ckpt.extra["unpaid"] = choose_presets(
         evaluate, ckpt.layers, targets.get("top1_agreement", cfg.target_agreement),
         targets.get("max_ppl_increase", cfg.max_ppl_increase), None, ckpt.model.num_layers, cfg.checkpoint_cost)
     ckpt.extra["checkpoint_cost"] = cfg.checkpoint_cost
+    ckpt.extra["answer_tokens"] = sum(len(seq) - n for seq, n in answers)
     ckpt.extra["propagated_evaluations"] = list(evaluate.results.values())
     # the suggestion is the default preset, as calibrate() makes it; the post-hoc figures stay those
     # of the point they were measured at (they need the validation states)
@@ -633,17 +678,27 @@ def print_report(ckpt: RouterCheckpoint) -> None:
               f"{pr['top1_agreement']:.4f}, perplexity ratio {pr['ppl_ratio']:.4f}")
     cost = x.get("checkpoint_cost")
     unpaid = x.get("unpaid") or {}
-    for name, p in x.get("presets", {}).items():
+    presets = x.get("presets", {})
+    for name in sorted(presets, key=lambda n: (n != "default", -PRESETS.get(n, (1.0,))[0])):
+        p = presets[name]
         q = p if p is not None else unpaid.get(name)
         if q is None:
             print(f"  preset {name:<8}: none of the points met its target (exits off)")
             continue
         n_ckpt = checkpoints_run(ckpt.layers, q["min_layer"])
         head = "" if p is not None else "exits off; its best point, "
-        print(f"  preset {name:<8}: {head}threshold {q['threshold']}, min layer {q['min_layer']} "
-              f"({n_ckpt} checkpoint{'' if n_ckpt == 1 else 's'}): "
-              f"{q['skipped_fraction']:.3f} skipped, agreement {q['top1_agreement']:.4f}, "
-              f"perplexity ratio {q['ppl_ratio']:.4f} (propagated)")
+        point = f"  preset {name:<8}: {head}threshold {q['threshold']}, min layer {q['min_layer']} " \
+                f"({n_ckpt} checkpoint{'' if n_ckpt == 1 else 's'})"
+        sets = q.get("by_set", {})
+        if len(sets) > 1:   # the bar must hold on each set; the saving is the answers'
+            print(f"{point}, propagated:")
+            for set_name, m in sorted(sets.items(), key=lambda kv: kv[0] != "text"):
+                what = "validation text" if set_name == "text" else f"own answers ({x.get('answer_tokens')} tokens)"
+                print(f"    {what + ':':<28} {m['skipped_fraction']:.3f} skipped, agreement {m['top1_agreement']:.4f}, "
+                      f"perplexity ratio {m['ppl_ratio']:.4f}")
+        else:
+            print(f"{point}: {q['skipped_fraction']:.3f} skipped, agreement {q['top1_agreement']:.4f}, "
+                  f"perplexity ratio {q['ppl_ratio']:.4f} (propagated)")
         if cost is not None:
             net = net_layers_saved(q["skipped_fraction"], q["min_layer"], ckpt.layers, ckpt.model.num_layers, cost)
             saved = q["skipped_fraction"] * ckpt.model.num_layers
@@ -651,7 +706,8 @@ def print_report(ckpt: RouterCheckpoint) -> None:
             verdict = "" if net > 0 else "; expected slower than stock vLLM" if p is not None else \
                 ("; it would be slower than stock vLLM, so the preset keeps exits off "
                  f"(use it anyway with --tide-threshold {q['threshold']} --tide-min-layer {q['min_layer']})")
-            print(f"    {saved:.2f} layers skipped per token against {n_ckpt} x {cost} for its checkpoints: "
+            on = " on its own answers" if len(sets) > 1 else ""
+            print(f"    {saved:.2f} layers skipped per token{on} against {n_ckpt} x {cost} for its checkpoints: "
                   f"net {net:+.2f} layers{verdict}")
     if ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets and paid for its checkpoints: the router's default keeps exits "
@@ -679,6 +735,9 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--select-tokens", type=int, default=CalibrationConfig.select_tokens,
                    help="validation tokens for the propagated choice of threshold and depth (0: post hoc)")
+    p.add_argument("--answer-tokens", type=int, default=CalibrationConfig.answer_tokens,
+                   help="tokens of the model's own greedy answers (to instructions about validation passages) "
+                        "that points are also judged on; the saving is measured there (0: validation text only)")
     p.add_argument("--checkpoint-cost", type=float, default=CalibrationConfig.checkpoint_cost,
                    help="cost of running one checkpoint, in decoder layers: a point must skip more than its "
                         "checkpoints cost, else the preset keeps exits off (0: every point meeting the bar "

@@ -1,0 +1,84 @@
+"""The model's own answers, as validation text for the operating-point choice.
+
+Decode steps process what the model itself writes, and that exits very differently from prose: on the
+default model's chat answers about 5x more tokens exit than on State of the Union text, and a quality
+bar met on prose need not hold there. So calibration also asks the frozen model to answer instructions
+about passages of its validation text (through its chat template; a model without one continues the
+passage) and judges each point on those greedy answers too.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+# Varied tasks over one passage each: summaries, explanations, rewriting, questions, continuation.
+INSTRUCTIONS = (
+    "Summarize the following passage in two or three sentences.",
+    "What is the main point of this passage? Explain it briefly.",
+    "Rewrite this passage in plain, simple English.",
+    "List three questions a reader might ask after reading this passage.",
+    "Continue this text with one more paragraph in the same style.",
+    "Explain this passage to a high-school student.",
+    "Give this passage a title and say in one sentence why you chose it.",
+    "Which words in this passage might be hard for a reader? Explain two of them.",
+)
+PASSAGE_TOKENS = 96
+MAX_NEW_TOKENS = 128
+
+
+def passage(tokenizer, chunk: list[int]) -> str:
+    """Readable text from a token chunk: whole sentences when there are some, else whole words."""
+    text = tokenizer.decode(chunk[:PASSAGE_TOKENS], skip_special_tokens=True)
+    start, end = text.find(". ") + 2, text.rfind(".") + 1
+    if start > 1 and end - start > len(text) // 2:
+        return text[start:end].strip()
+    words = text.split()
+    return " ".join(words[1:-1] if len(words) > 2 else words)
+
+
+def prompts(tokenizer, chunks: list[list[int]], n: int) -> list[list[int]]:
+    """n prompts over evenly spaced chunks, cycling through the instructions."""
+    picked = [chunks[i * len(chunks) // n] for i in range(n)] if n <= len(chunks) else \
+        [chunks[i % len(chunks)] for i in range(n)]
+    out = []
+    for i, chunk in enumerate(picked):
+        text = passage(tokenizer, chunk)
+        if getattr(tokenizer, "chat_template", None):
+            msg = [{"role": "user", "content": f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]}\n\n{text}"}]
+            out.append(list(tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"]))
+        else:
+            out.append(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, chunks: list[list[int]], tokens: int,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> list[tuple[list[int], int]]:
+    """(prompt + greedy answer, prompt length) pairs until the answers hold ``tokens`` tokens. An answer
+    ends at the model's end-of-sequence token (kept: predicting it is part of answering)."""
+    if tokens <= 0 or not chunks:
+        return []
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    out, total = [], 0
+    with tqdm(total=tokens, desc="model's own answers", unit="tok", file=sys.stderr) as bar:
+        # a generous prompt list: answers that end early leave room for more
+        for ids in prompts(tokenizer, chunks, max(1, 2 * tokens // max_new_tokens + 2)):
+            if total >= tokens:
+                break
+            x = torch.tensor([ids], device=device)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=min(max_new_tokens, tokens - total),
+                                 do_sample=False, pad_token_id=pad)[0].tolist()
+            answer = seq[len(ids):]
+            ends = [i for i, t in enumerate(answer) if t in eos]
+            answer = answer[:ends[0] + 1] if ends else answer
+            if answer:
+                out.append((ids + answer, len(ids)))
+                total += len(answer)
+                bar.update(len(answer))
+    return out
