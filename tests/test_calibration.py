@@ -227,6 +227,9 @@ def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
         with torch.no_grad():   # teacher-forced argmax at the positions before each answer token
             top1 = hf(torch.tensor([seq])).logits[0].argmax(-1)
         assert seq[n:] == top1[n - 1:-1].tolist()
+    tok.chat_template = None    # a base model continues the passage itself
+    plain = [tok.decode(p) for p in answers.prompts(tok, chunks, 2)]
+    assert all("<|im_start|>" not in p and "the people are free" in p for p in plain)
 
 
 @needs_tokenizer

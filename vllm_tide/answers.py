@@ -45,13 +45,20 @@ def prompts(tokenizer, chunks: list[list[int]], n: int) -> list[list[int]]:
     out = []
     for i, chunk in enumerate(picked):
         text = passage(tokenizer, chunk)
-        if getattr(tokenizer, "chat_template", None):
-            msg = [{"role": "user", "content": f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]}\n\n{text}"}]
-            out.append(list(tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"]))
-        else:
-            out.append(tokenizer(text, add_special_tokens=True)["input_ids"])
+        out.append(_chat(tokenizer, f"{INSTRUCTIONS[i % len(INSTRUCTIONS)]}\n\n{text}")
+                   or tokenizer(text, add_special_tokens=True)["input_ids"])
     return out
+
+
+def _chat(tokenizer, content: str) -> list[int] | None:
+    """A one-turn chat prompt, or None for a model without a usable chat template (it continues the text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    except Exception:   # templates that insist on other roles or fields: fall back to plain text
+        return None
 
 
 @torch.no_grad()

@@ -6,8 +6,10 @@
    by KL; affine by least squares, then a temperature by KL).
 3. Labels come from exactly what the plugin computes at inference: router input -> exit projection
    -> LM head, compared with the full model (top-1, cosine, or KL + top-1). Routers are trained on them.
-4. The operating point (threshold, minimum exit depth) is chosen on held-out validation text by
-   simulating the exits with K/V propagation (vllm_tide.simulate), not post hoc.
+4. The operating point (threshold, minimum exit depth) is chosen by simulating the exits with K/V
+   propagation (vllm_tide.simulate), not post hoc, on held-out validation text and on the model's own
+   greedy answers to instructions about it (vllm_tide.answers): the bar must hold on both, and the
+   saving is measured on the answers, what decode steps process.
 """
 from __future__ import annotations
 
