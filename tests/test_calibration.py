@@ -52,7 +52,8 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
     assert len(back.extra["propagated_evaluations"]) >= 2 and back.extra["answer_tokens"] == 96
     for r in back.extra["propagated_evaluations"]:    # judged on the text and on the model's own answers
-        assert set(r["by_set"]) == {"text", "answers"} and r["skipped_fraction"] == r["by_set"]["answers"]["skipped_fraction"]
+        assert set(r["by_set"]) == {"text", "answers"}
+        assert r["skipped_fraction"] == min(m["skipped_fraction"] for m in r["by_set"].values())
     if cost > 0:    # no point saves 100 layers per checkpoint: every preset keeps exits off
         assert chosen is None and back.suggested_threshold == 1.0 and set(presets.values()) == {None}
         # the best points are kept, and the post-hoc report describes the default bar's
@@ -234,8 +235,8 @@ def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
 
 @needs_tokenizer
 def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
-    """With answers, a point's fidelity is the worse of text and answers (answer positions only) and its
-    saving is the answers'; each figure matches a direct simulation. Text-only results stored by an older
+    """With answers, every figure of a point is the worse of text and answers (answer positions only):
+    the lower agreement, the higher perplexity ratio, the smaller saving; each matches a direct simulation. Text-only results stored by an older
     calibration are reused for the text set."""
     from transformers import AutoModelForCausalLM
     from helpers import synthetic_router
@@ -272,7 +273,7 @@ def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
     assert by["text"] == pytest.approx({"top1_agreement": t_agree, "ppl_ratio": t_ppl, "skipped_fraction": t_skip})
     assert by["answers"] == pytest.approx({"top1_agreement": a_agree, "ppl_ratio": a_ppl, "skipped_fraction": a_skip})
     assert r["top1_agreement"] == min(t_agree, a_agree) and r["ppl_ratio"] == max(t_ppl, a_ppl)
-    assert r["skipped_fraction"] == a_skip and min(t_agree, a_agree) < 1.0
+    assert r["skipped_fraction"] == min(t_skip, a_skip) and min(t_agree, a_agree) < 1.0
     # a result stored without per-set figures is the text set's; only the answers are measured again
     fresh = PropagatedEval(hf, text, routers, {}, 8, answers)
     fresh.remember({"threshold": 0.5, "min_layer": 0, "top1_agreement": 0.25, "ppl_ratio": 3.0, "skipped_fraction": 0.5})
