@@ -35,12 +35,16 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     from transformers import AutoModelForCausalLM
     model = make_tiny_model(family, str(tmp_path / "m"), DEFAULT_MODEL, num_layers=6)
     out = str(tmp_path / "r.safetensors")
+    prompts = None
+    if family == "qwen2":   # the model's answers to the user's own prompts instead of the built-in ones
+        prompts = str(tmp_path / "prompts.txt")
+        (tmp_path / "prompts.txt").write_text("Explain taxes.\nWrite a story about a king.\nList three rivers.\n")
     # loose targets so that the propagated search finds a point that exits on a random tiny model
     ckpt = calibrate(CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000,
                                        seq_len=128, interval=2, epochs=2, dtype="float32", criterion=criterion,
                                        exit_projection=projection, kl_bound=2.0, target_agreement=0.5,
                                        max_ppl_increase=10.0, select_tokens=256, answer_tokens=96,
-                                       checkpoint_cost=cost))
+                                       answer_prompts=prompts, checkpoint_cost=cost))
     back = RouterCheckpoint.load(out)
     assert back.layers == [1, 3] and 5 not in back.layers          # never the final layer
     assert back.tokens == ckpt.tokens >= 2500
@@ -51,6 +55,7 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     presets, chosen = back.extra["presets"], back.extra["propagated"]
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
     assert len(back.extra["propagated_evaluations"]) >= 2 and back.extra["answer_tokens"] == 96
+    assert (back.extra["answer_prompts"] == prompts) == (prompts is not None)
     for r in back.extra["propagated_evaluations"]:    # judged on the text and on the model's own answers
         assert set(r["by_set"]) == {"text", "answers"}
         assert r["skipped_fraction"] == min(m["skipped_fraction"] for m in r["by_set"].values())
@@ -228,6 +233,18 @@ def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
         with torch.no_grad():   # teacher-forced argmax at the positions before each answer token
             top1 = hf(torch.tensor([seq])).logits[0].argmax(-1)
         assert seq[n:] == top1[n - 1:-1].tolist()
+    # the user's own prompts, one per line, through the chat template as they are
+    (tmp_path / "p.txt").write_text("Write a haiku about rivers.\n\nFix this bug:\\nx = 1 +\n")
+    own = answers.read_prompts(str(tmp_path / "p.txt"))
+    assert own == ["Write a haiku about rivers.", "Fix this bug:\nx = 1 +"]
+    got = answers.generate(hf, tok, chunks, tokens=20, max_new_tokens=16, own=own)
+    assert [len(seq) - n for seq, n in got] == [16, 4]
+    assert "<|im_start|>user\nFix this bug:\nx = 1 +<|im_end|>" in tok.decode(got[1][0][:got[1][1]])
+    for bad, why in [("missing.txt", "Cannot read"), ("empty.txt", "holds no prompts")]:
+        if bad == "empty.txt":
+            (tmp_path / bad).write_text("\n \n")
+        with pytest.raises(TideConfigError, match=why):
+            CalibrationConfig(model=model_dir, output="", answer_prompts=str(tmp_path / bad)).validate()
     tok.chat_template = None    # a base model continues the passage itself
     plain = [tok.decode(p) for p in answers.prompts(tok, chunks, 2)]
     assert all("<|im_start|>" not in p and "the people are free" in p for p in plain)

@@ -38,8 +38,11 @@ def passage(tokenizer, chunk: list[int]) -> str:
     return " ".join(words[1:-1] if len(words) > 2 else words)
 
 
-def prompts(tokenizer, chunks: list[list[int]], n: int) -> list[list[int]]:
-    """n prompts over evenly spaced chunks, cycling through the instructions."""
+def prompts(tokenizer, chunks: list[list[int]], n: int, own: list[str] | None = None) -> list[list[int]]:
+    """n prompts over evenly spaced chunks, cycling through the instructions; or the user's own prompts
+    (e.g. from their request log), as they are."""
+    if own:
+        return [_chat(tokenizer, text) or tokenizer(text, add_special_tokens=True)["input_ids"] for text in own[:n]]
     picked = [chunks[i * len(chunks) // n] for i in range(n)] if n <= len(chunks) else \
         [chunks[i % len(chunks)] for i in range(n)]
     out = []
@@ -62,11 +65,11 @@ def _chat(tokenizer, content: str) -> list[int] | None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, chunks: list[list[int]], tokens: int,
-             max_new_tokens: int = MAX_NEW_TOKENS) -> list[tuple[list[int], int]]:
+def generate(model, tokenizer, chunks: list[list[int]], tokens: int, max_new_tokens: int = MAX_NEW_TOKENS,
+             own: list[str] | None = None) -> list[tuple[list[int], int]]:
     """(prompt + greedy answer, prompt length) pairs until the answers hold ``tokens`` tokens. An answer
     ends at the model's end-of-sequence token (kept: predicting it is part of answering)."""
-    if tokens <= 0 or not chunks:
+    if tokens <= 0 or not (chunks or own):
         return []
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
@@ -74,7 +77,7 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int,
     out, total = [], 0
     with tqdm(total=tokens, desc="model's own answers", unit="tok", file=sys.stderr) as bar:
         # a generous prompt list: answers that end early leave room for more
-        for ids in prompts(tokenizer, chunks, max(1, 2 * tokens // max_new_tokens + 2)):
+        for ids in prompts(tokenizer, chunks, max(1, 2 * tokens // max_new_tokens + 2), own):
             if total >= tokens:
                 break
             x = torch.tensor([ids], device=device)
@@ -88,4 +91,18 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int,
                 out.append((ids + answer, len(ids)))
                 total += len(answer)
                 bar.update(len(answer))
+    return out
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (blank lines skipped); literal \\n inside a line is a newline."""
+    from .errors import TideConfigError
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TideConfigError(f"Cannot read --answer-prompts {path!r} ({e.__class__.__name__}); pass a UTF-8 "
+                              f"text file with one prompt per line.") from None
+    if not out:
+        raise TideConfigError(f"--answer-prompts {path!r} holds no prompts; put one prompt per line.")
     return out

@@ -63,6 +63,7 @@ class CalibrationConfig:
     # tokens of the model's own greedy answers (vllm_tide.answers) the propagated choice also judges
     # points on; 0: validation text only
     answer_tokens: int = 2048
+    answer_prompts: str | None = None   # a file of the user's own prompts, one per line (default: built-in)
     # What running one checkpoint costs (router, exit decision, host sync), in decoder layers: points
     # meeting a bar are compared by layers skipped per token less the checkpoints they run, and a
     # preset whose best point does not pay keeps exits off.
@@ -84,6 +85,9 @@ class CalibrationConfig:
             raise TideConfigError(f"--max-ppl-increase must be >= 0, got {self.max_ppl_increase}.")
         if self.answer_tokens < 0:
             raise TideConfigError(f"--answer-tokens must be >= 0, got {self.answer_tokens}.")
+        if self.answer_prompts:
+            from .answers import read_prompts
+            read_prompts(self.answer_prompts)   # fail before the model loads
         if not self.checkpoint_cost >= 0:
             raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
@@ -513,7 +517,8 @@ def collect(cfg: CalibrationConfig) -> Collected:
 def own_answers(model, tokenizer, val_seqs: list[list[int]], cfg: CalibrationConfig) -> list[tuple[list[int], int]]:
     """The model's greedy answers to instructions about validation passages (none without a propagated choice)."""
     from . import answers
-    return answers.generate(model, tokenizer, val_seqs, cfg.answer_tokens if cfg.select_tokens > 0 else 0)
+    own = answers.read_prompts(cfg.answer_prompts) if cfg.answer_prompts else None
+    return answers.generate(model, tokenizer, val_seqs, cfg.answer_tokens if cfg.select_tokens > 0 else 0, own=own)
 
 
 def suggestion(chosen: dict | None, layers: list[int], min_layer: int | None = None) -> tuple[float, int]:
@@ -610,6 +615,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         suggested_min_layer=min_layer,
         extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
                "answer_tokens": sum(len(seq) - n for seq, n in col.answers),
+               "answer_prompts": cfg.answer_prompts or "built-in instructions about validation passages",
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
                "presets": presets, "unpaid": unpaid,
                "targets": {"top1_agreement": cfg.target_agreement, "max_ppl_increase": cfg.max_ppl_increase},
@@ -741,6 +747,9 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--answer-tokens", type=int, default=CalibrationConfig.answer_tokens,
                    help="tokens of the model's own greedy answers (to instructions about validation passages) "
                         "that points are also judged on: quality and saving must hold there too (0: text only)")
+    p.add_argument("--answer-prompts", default=None, metavar="FILE",
+                   help="your own prompts (e.g. from a request log), one per line, for the model's answers "
+                        "instead of the built-in instructions about validation passages")
     p.add_argument("--checkpoint-cost", type=float, default=CalibrationConfig.checkpoint_cost,
                    help="cost of running one checkpoint, in decoder layers: a point must skip more than its "
                         "checkpoints cost, else the preset keeps exits off (0: every point meeting the bar "
