@@ -297,3 +297,7 @@ def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
     again = fresh(0.5, 0)
     assert again["by_set"]["text"]["top1_agreement"] == 0.25 and again["by_set"]["answers"] == by["answers"]
     assert PropagatedEval(hf, text, routers, {}, 8)(0.5, 0)["skipped_fraction"] == pytest.approx(t_skip)
+    # a stored result with every set is kept as it is, and nothing is simulated for it
+    stored = PropagatedEval(hf, text, routers, {}, 8, answers)
+    stored.remember(r)
+    assert stored.results == {(0.5, 0): r} and stored(0.5, 0) == r and stored._base == {}

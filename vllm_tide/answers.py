@@ -74,6 +74,7 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int, max_new_tok
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out, total = [], 0
     with tqdm(total=tokens, desc="model's own answers", unit="tok", file=sys.stderr) as bar:
         # a generous prompt list: answers that end early leave room for more
@@ -81,7 +82,6 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int, max_new_tok
             if total >= tokens:
                 break
             x = torch.tensor([ids], device=device)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             seq = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=min(max_new_tokens, tokens - total),
                                  do_sample=False, pad_token_id=pad)[0].tolist()
             answer = seq[len(ids):]

@@ -374,10 +374,15 @@ class PropagatedEval:
         self.model, self.routers, self.projections = model, routers, projections
         self.num_layers = num_layers
         self.sets = {"text": [(seq, 0) for seq in seqs], **({"answers": list(answers)} if answers else {})}
-        full = ExitSimulator(model, {}, {}, 1.0, 0)
-        self.base = {name: self._run(items, full)[:2] for name, items in self.sets.items()}
+        self._base: dict[str, tuple] = {}     # the full model's figures per set, computed when first needed
         self.measured: dict[tuple[str, float, int], dict] = {}
-        self.results: dict[tuple[float, int], dict] = {}
+
+    @property
+    def results(self) -> dict[tuple[float, int], dict]:
+        """Every point measured on all sets, with its combined figures (remembered ones included)."""
+        points = {(t, m) for _, t, m in self.measured}
+        return {p: self._combine(*p) for p in sorted(points)
+                if all((name, *p) in self.measured for name in self.sets)}
 
     @staticmethod
     def _run(items: list[tuple[list[int], int]], sim: ExitSimulator):
@@ -394,11 +399,14 @@ class PropagatedEval:
     def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
         key = (name, threshold, min_layer)
         if key not in self.measured:
+            if name not in self._base:
+                self._base[name] = self._run(self.sets[name], ExitSimulator(self.model, {}, {}, 1.0, 0))[:2]
+            base_top1, base_nll = self._base[name]
             top1, nll, exit_at = self._run(self.sets[name], sim)
             after = torch.where(exit_at >= 0, self.num_layers - 1 - exit_at, 0)
             self.measured[key] = {
-                "top1_agreement": (top1 == self.base[name][0]).float().mean().item(),
-                "ppl_ratio": math.exp((nll - self.base[name][1]).mean().item()),
+                "top1_agreement": (top1 == base_top1).float().mean().item(),
+                "ppl_ratio": math.exp((nll - base_nll).mean().item()),
                 "skipped_fraction": after.sum().item() / (len(after) * self.num_layers)}
         return self.measured[key]
 
@@ -409,17 +417,19 @@ class PropagatedEval:
                 self.measured[(name, r["threshold"], r["min_layer"])] = \
                     {k: m[k] for k in ("top1_agreement", "ppl_ratio", "skipped_fraction")}
 
-    def __call__(self, threshold: float, min_layer: int) -> dict:
-        key = (threshold, min_layer)
-        if key not in self.results:
-            sim = ExitSimulator(self.model, self.routers, self.projections, threshold, min_layer)
-            by = {name: self._measure(name, sim, threshold, min_layer) for name in self.sets}
-            self.results[key] = {
-                "threshold": threshold, "min_layer": min_layer,
+    def _combine(self, threshold: float, min_layer: int) -> dict:
+        by = {name: self.measured[(name, threshold, min_layer)] for name in self.sets}
+        return {"threshold": threshold, "min_layer": min_layer,
                 "top1_agreement": min(m["top1_agreement"] for m in by.values()),
                 "ppl_ratio": max(m["ppl_ratio"] for m in by.values()),
                 "skipped_fraction": min(m["skipped_fraction"] for m in by.values()), "by_set": by}
-        return self.results[key]
+
+    def __call__(self, threshold: float, min_layer: int) -> dict:
+        if any((name, threshold, min_layer) not in self.measured for name in self.sets):
+            sim = ExitSimulator(self.model, self.routers, self.projections, threshold, min_layer)
+            for name in self.sets:
+                self._measure(name, sim, threshold, min_layer)
+        return self._combine(threshold, min_layer)
 
 
 def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float | None,
@@ -515,7 +525,8 @@ def collect(cfg: CalibrationConfig) -> Collected:
 
 
 def own_answers(model, tokenizer, val_seqs: list[list[int]], cfg: CalibrationConfig) -> list[tuple[list[int], int]]:
-    """The model's greedy answers to instructions about validation passages (none without a propagated choice)."""
+    """The model's greedy answers to the --answer-prompts file's prompts, else to instructions about validation
+    passages (none without a propagated choice)."""
     from . import answers
     own = answers.read_prompts(cfg.answer_prompts) if cfg.answer_prompts else None
     return answers.generate(model, tokenizer, val_seqs, cfg.answer_tokens if cfg.select_tokens > 0 else 0, own=own)
