@@ -123,6 +123,9 @@ def test_fit_temperature_recovers_a_known_temperature():
     kls = [(p * (final_logp - torch.log_softmax(logits / t, -1))).sum(-1).mean().item() for t in grid]
     best = float(grid[int(torch.tensor(kls).argmin())])
     assert fit_temperature(logits, final_logp) == pytest.approx(best, abs=0.01)
+    # a final distribution sharper or flatter than any temperature in [e^-3, e^3] gives: the bound
+    assert fit_temperature(logits, torch.log_softmax(logits * 100, -1)) == pytest.approx(math.exp(-3))
+    assert fit_temperature(logits, torch.log_softmax(logits / 1000, -1)) == pytest.approx(math.exp(3))
 
 
 def test_fit_affine_recovers_a_known_map_full_and_low_rank():
@@ -301,3 +304,28 @@ def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
     stored = PropagatedEval(hf, text, routers, {}, 8, answers)
     stored.remember(r)
     assert stored.results == {(0.5, 0): r} and stored(0.5, 0) == r and stored._base == {}
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_simulation_from_a_checkpoint_matches_the_full_run(tmp_path, family):
+    """Calibration simulates each point from the full model's recorded pass, starting at the point's
+    first active checkpoint: the same exits and logits as the simulation from layer 0, and the recorded
+    pass's logits are the full model's (qwen2: biases and a per-layer-type attention mask)."""
+    from transformers import AutoModelForCausalLM
+    from helpers import synthetic_router
+    from vllm_tide.simulate import ExitSimulator, full_pass
+    model_dir = make_tiny_model(family, str(tmp_path / "m"), DEFAULT_MODEL, num_layers=8)
+    ckpt = synthetic_router(model_dir, str(tmp_path / "r.safetensors"), {3: "some", 5: "some"}, interval=2)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seq = torch.randint(100, 4000, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    prefix, logits = full_pass(hf, seq, ckpt.layers)
+    with torch.no_grad():
+        assert torch.equal(logits, hf(torch.tensor([seq])).logits[0].float())
+    for min_layer, start in [(2, 3), (3, 3), (4, 5)]:
+        sim = ExitSimulator.from_checkpoint(hf, ckpt, 0.5, min_layer)
+        want_logits, want_exits, _ = sim.run(seq)
+        got_logits, got_exits = sim.run_from(prefix, start)
+        assert torch.equal(got_exits, want_exits) and (got_exits >= 0).sum() >= 3
+        assert torch.allclose(got_logits, want_logits, rtol=0, atol=1e-5)
+        assert (got_logits - logits).abs().max() > 1e-2       # the exits changed the outputs

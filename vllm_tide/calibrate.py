@@ -28,7 +28,7 @@ from .errors import TideConfigError
 from .fingerprint import model_identity
 from .projection import ExitProjection, fit_affine, fit_temperature
 from .router import Router, router_input
-from .simulate import ExitSimulator
+from .simulate import ExitSimulator, Prefix, full_pass
 
 THRESHOLD_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 # Named operating points stored in every checkpoint: (top-1 agreement, max perplexity increase or None).
@@ -375,6 +375,7 @@ class PropagatedEval:
         self.num_layers = num_layers
         self.sets = {"text": [(seq, 0) for seq in seqs], **({"answers": list(answers)} if answers else {})}
         self._base: dict[str, tuple] = {}     # the full model's figures per set, computed when first needed
+        self._passes: dict[str, list[Prefix]] = {}    # the full model's pass over each sequence, per set
         self.measured: dict[tuple[str, float, int], dict] = {}
 
     @property
@@ -384,25 +385,44 @@ class PropagatedEval:
         return {p: self._combine(*p) for p in sorted(points)
                 if all((name, *p) in self.measured for name in self.sets)}
 
+    def _prefixes(self, name: str) -> list[Prefix]:
+        """The full model's pass over each sequence of a set, run once when first needed: it gives the
+        base figures the points are compared with, and each point's simulation starts from it at the
+        point's first active checkpoint (the layers below are the full model's)."""
+        if name not in self._passes:
+            starts = sorted(self.routers)
+            passes, top1, nll = [], [], []
+            for seq, first in self.sets[name]:
+                prefix, logits = full_pass(self.model, seq, starts)
+                passes.append(prefix)
+                t, n, _ = self._counted(seq, first, logits, torch.full((len(seq),), -1))
+                top1.append(t)
+                nll.append(n)
+            self._passes[name] = passes
+            self._base[name] = torch.cat(top1), torch.cat(nll).double()
+        return self._passes[name]
+
     @staticmethod
-    def _run(items: list[tuple[list[int], int]], sim: ExitSimulator):
+    def _counted(seq: list[int], first: int, logits: torch.Tensor, exit_at: torch.Tensor):
         """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens."""
-        top1, nll, exits = [], [], []
-        for seq, start in items:
-            logits, exit_at, _ = sim.run(seq)
-            s = max(start - 1, 0)
-            top1.append(logits.argmax(-1)[s:-1])
-            nll.append(-torch.log_softmax(logits[s:-1], -1).gather(1, torch.tensor(seq[s + 1:])[:, None])[:, 0])
-            exits.append(exit_at[s:-1])
-        return torch.cat(top1), torch.cat(nll).double(), torch.cat(exits)
+        s = max(first - 1, 0)
+        nll = -torch.log_softmax(logits[s:-1], -1).gather(1, torch.tensor(seq[s + 1:])[:, None])[:, 0]
+        return logits.argmax(-1)[s:-1], nll, exit_at[s:-1]
 
     def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
         key = (name, threshold, min_layer)
         if key not in self.measured:
-            if name not in self._base:
-                self._base[name] = self._run(self.sets[name], ExitSimulator(self.model, {}, {}, 1.0, 0))[:2]
+            passes = self._prefixes(name)
             base_top1, base_nll = self._base[name]
-            top1, nll, exit_at = self._run(self.sets[name], sim)
+            # the simulation starts at the point's first active checkpoint; with none, nothing exits
+            start = min(sim.routers, default=None)
+            if start is None:
+                top1, nll, exit_at = base_top1, base_nll, torch.full((len(base_top1),), -1)
+            else:
+                runs = [self._counted(seq, first, *sim.run_from(prefix, start))
+                        for (seq, first), prefix in zip(self.sets[name], passes)]
+                top1, nll, exit_at = (torch.cat(x) for x in zip(*runs))
+                nll = nll.double()
             after = torch.where(exit_at >= 0, self.num_layers - 1 - exit_at, 0)
             self.measured[key] = {
                 "top1_agreement": (top1 == base_top1).float().mean().item(),

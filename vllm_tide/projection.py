@@ -10,6 +10,7 @@ function from the same stored tensors:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,25 +101,38 @@ def kl_to_final(exit_logits: torch.Tensor, final_logp: torch.Tensor,
 
 
 @torch.no_grad()
-def fit_temperature(exit_logits: torch.Tensor, final_logp: torch.Tensor, iters: int = 30) -> float:
-    """The T minimising mean KL(final || softmax(exit_logits / T)): golden-section search on log T
-    in [-3, 3] (the objective is smooth and unimodal in practice)."""
-    exit_logits, final_logp = exit_logits.float(), final_logp.float()
-    p = final_logp.exp()
+def fit_temperature(exit_logits: torch.Tensor, final_logp: torch.Tensor, iters: int = 50, tol: float = 1e-7) -> float:
+    """The T in [e^-3, e^3] minimising mean KL(final || softmax(exit_logits / T)).
 
-    def loss(log_t: float) -> float:
-        return kl_to_final(exit_logits * float(torch.exp(torch.tensor(-log_t))), final_logp, p).mean().item()
-    lo, hi = -3.0, 3.0
-    g = (5 ** 0.5 - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(a), loss(b)
+    In b = 1/T the objective, mean(logsumexp(b l)) - b mean(E_final[l]) + const, is convex: its
+    derivative mean(E_q[l]) - mean(E_final[l]) (q = softmax(b l)) rises with b, at the rate
+    mean(Var_q[l]). So Newton steps on that derivative, kept inside a shrinking bracket, find the
+    minimum in a handful of passes over the logits.
+    """
+    logits = exit_logits.float()
+    target = (final_logp.float().exp() * logits).sum(-1).mean().item()
+
+    def slope(b: float) -> tuple[float, float]:
+        q = torch.softmax(logits * b, -1)
+        ql = q * logits
+        mean = ql.sum(-1)
+        return mean.mean().item() - target, ((ql * logits).sum(-1) - mean * mean).mean().item()
+
+    lo, hi = math.exp(-3.0), math.exp(3.0)
+    if slope(lo)[0] >= 0:       # the objective rises from the smallest b on: the largest T
+        return 1.0 / lo
+    if slope(hi)[0] <= 0:
+        return 1.0 / hi
+    b = 1.0
     for _ in range(iters):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = loss(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = loss(b)
-    return float(torch.exp(torch.tensor((lo + hi) / 2)))
+        g, curvature = slope(b)
+        if g == 0:
+            break
+        lo, hi = (lo, b) if g > 0 else (b, hi)
+        step = b - g / curvature if curvature > 0 else None
+        new = step if step is not None and lo <= step <= hi else (lo + hi) / 2
+        if abs(new - b) <= tol * b:
+            b = new
+            break
+        b = new
+    return 1.0 / b

@@ -8,8 +8,15 @@ projections), and its output is final_norm(frozen) -> exit projection -> LM head
 One causal forward over a whole sequence with the frozen rows restored after every layer gives, at
 every position, exactly what the plugin computes token by token; calibration uses it to choose the
 operating point with propagation, and the tests use it as the reference for the plugin.
+
+Calibration measures dozens of points on the same sequences, and below a point's first active
+checkpoint nothing differs from the full model: ``full_pass`` records the full model's pass once per
+sequence, and ``ExitSimulator.run_from`` runs only the layers from that checkpoint on.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -31,12 +38,58 @@ class ExitSimulator:
     @torch.no_grad()
     def run(self, ids: list[int], capture_inputs: bool = False):
         """(logits [T, V] fp32, exit layer per token [-1: none], layer inputs {layer: [T, D]} if asked)."""
-        hf = self.hf
-        norm = hf.model.norm
-        t = len(ids)
-        exit_at = torch.full((t,), -1)
-        frozen = torch.zeros(t, hf.config.hidden_size, dtype=norm.weight.dtype)
+        norm = self.hf.model.norm
         inputs = {}
+
+        def pre_hook(li):
+            def fn(_m, args, kwargs):
+                inputs[li] = (args[0] if args else kwargs["hidden_states"])[0].clone()
+            return fn
+
+        layers = self.hf.model.layers
+        extra = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True)
+                 for i, layer in enumerate(layers)] if capture_inputs else []
+        try:
+            with self._exits(len(ids)) as exit_at:
+                hidden = self.hf.model(torch.tensor([ids], device=norm.weight.device)).last_hidden_state[0]
+        finally:
+            for h in extra:
+                h.remove()
+        logits = self._logits(hidden, exit_at)
+        return logits, exit_at, inputs
+
+    @torch.no_grad()
+    def run_from(self, prefix: "Prefix", start: int):
+        """run()'s (logits, exit layers) for the sequence ``prefix`` holds, computing only layers start..
+        from its recorded input to ``start``: the same result when no router below ``start`` is active
+        (the layers before a point's minimum exit layer are the full model's)."""
+        assert all(c >= start for c in self.routers), "a router below the start layer would be skipped"
+        layers = self.hf.model.layers
+        h = prefix.inputs[start]
+        with self._exits(h.shape[1]) as exit_at:
+            for li in range(start, len(layers)):
+                args, kwargs = prefix.calls[li]
+                out = layers[li](h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        hidden = self.hf.model.norm(h)[0]
+        return self._logits(hidden, exit_at), exit_at
+
+    def _logits(self, hidden: torch.Tensor, exit_at: torch.Tensor) -> torch.Tensor:
+        """Each exited row through its checkpoint's exit projection, then the LM head, in fp32."""
+        hidden = hidden.float()
+        for c, proj in self.projections.items():
+            rows = exit_at == c
+            if rows.any():
+                hidden[rows] = proj.apply(hidden[rows])
+        return hidden @ self.hf.get_output_embeddings().weight.float().T
+
+    @contextlib.contextmanager
+    def _exits(self, t: int):
+        """Hooks on every decoder layer that apply the exits while the layers run; yields the exit layer
+        per token (-1: none), filled in as they run."""
+        norm = self.hf.model.norm
+        exit_at = torch.full((t,), -1)
+        frozen = torch.zeros(t, self.hf.config.hidden_size, dtype=norm.weight.dtype)
 
         def hook(li):
             def fn(_m, _inp, out):
@@ -53,23 +106,45 @@ class ExitSimulator:
                 return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
             return fn
 
-        def pre_hook(li):
-            def fn(_m, args, kwargs):
-                inputs[li] = (args[0] if args else kwargs["hidden_states"])[0].clone()
-            return fn
-
-        layers = hf.model.layers
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-        if capture_inputs:
-            handles += [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.hf.model.layers)]
         try:
-            hidden = hf.model(torch.tensor([ids], device=norm.weight.device)).last_hidden_state[0].float()
+            yield exit_at
         finally:
             for h in handles:
                 h.remove()
-        for c, proj in self.projections.items():
-            rows = exit_at == c
-            if rows.any():
-                hidden[rows] = proj.apply(hidden[rows])
-        logits = hidden @ hf.get_output_embeddings().weight.float().T
-        return logits, exit_at, inputs
+
+
+@dataclass
+class Prefix:
+    """One sequence's pass through the full model (no exits), kept so that exit simulations can start
+    at a checkpoint instead of layer 0: the input to each of ``starts`` layers, and how every layer from
+    the first of them on was called (attention mask, rotary embeddings, ...)."""
+    inputs: dict[int, torch.Tensor]      # layer -> its input hidden states [1, T, D]
+    calls: dict[int, tuple]              # layer -> (positional args after the hidden states, keyword args)
+
+
+@torch.no_grad()
+def full_pass(hf_model, ids: list[int], starts: list[int]) -> tuple[Prefix, torch.Tensor]:
+    """The full model on ``ids``: (its Prefix, its logits [T, V] fp32, as ExitSimulator without routers gives)."""
+    layers = hf_model.model.layers
+    first = min(starts, default=len(layers))
+    inputs, calls = {}, {}
+
+    def pre_hook(li):
+        def fn(_m, args, kwargs):
+            kwargs = dict(kwargs)
+            h = args[0] if args else kwargs.pop("hidden_states")
+            if li in starts:
+                inputs[li] = h.clone()
+            calls[li] = (tuple(args[1:]), kwargs)
+        return fn
+
+    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in range(first, len(layers))]
+    try:
+        # no K/V cache: replayed layers must attend over this sequence's keys only, not append to a cache
+        hidden = hf_model.model(torch.tensor([ids], device=hf_model.model.norm.weight.device),
+                                use_cache=False).last_hidden_state[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return Prefix(inputs, calls), hidden.float() @ hf_model.get_output_embeddings().weight.float().T
