@@ -92,15 +92,6 @@ def fit_affine(z: torch.Tensor, target: torch.Tensor, ridge: float, rank: int | 
 
 
 @torch.no_grad()
-def kl_to_final(exit_logits: torch.Tensor, final_logp: torch.Tensor,
-                final_p: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(final || exit) per row, in nats."""
-    lq = torch.log_softmax(exit_logits.float(), -1)
-    p = final_logp.exp() if final_p is None else final_p
-    return (p * (final_logp - lq)).sum(-1)
-
-
-@torch.no_grad()
 def fit_temperature(exit_logits: torch.Tensor, final_logp: torch.Tensor, iters: int = 50, tol: float = 1e-7) -> float:
     """The T in [e^-3, e^3] minimising mean KL(final || softmax(exit_logits / T)).
 
