@@ -81,7 +81,7 @@ class ExitSimulator:
             rows = exit_at == c
             if rows.any():
                 hidden[rows] = proj.apply(hidden[rows])
-        return hidden @ self.hf.get_output_embeddings().weight.float().T
+        return lm_logits(self.hf, hidden)
 
     @contextlib.contextmanager
     def _exits(self, t: int):
@@ -147,4 +147,10 @@ def full_pass(hf_model, ids: list[int], starts: list[int]) -> tuple[Prefix, torc
     finally:
         for h in handles:
             h.remove()
-    return Prefix(inputs, calls), hidden.float() @ hf_model.get_output_embeddings().weight.float().T
+    return Prefix(inputs, calls), lm_logits(hf_model, hidden)
+
+
+def lm_logits(hf_model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head in fp32: the full model's logits and every point's are computed alike, so their
+    numerics cancel when calibration compares them."""
+    return hidden.float() @ hf_model.get_output_embeddings().weight.float().T
