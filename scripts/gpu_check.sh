@@ -4,6 +4,7 @@
 #
 # It does this twice: for the kernels on main, then for main + each patch in csrc/pending/ (applied to
 # a copy in a temporary folder), so one device call says whether the pending rework is correct and faster.
+# Last, it runs the calibration tests that need a GPU (`--device cuda` against the CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
@@ -39,3 +40,9 @@ if [ -e "${patches[0]}" ]; then
   done
   check pending "$src"
 fi
+
+# Calibration with --device cuda (tiny models built here, no vLLM): simulations and LM-head products
+# on the GPU against the same run on the CPU.
+echo "==== calibration on CUDA vs CPU"
+PYTHONPATH=. $PY -m pytest -q -p no:cacheprovider tests/test_calibration.py -k cuda 2>&1 \
+  | tee "$OUT/tests_calibration_cuda.log" | tail -15

@@ -20,9 +20,10 @@ TINY = {
 }
 
 
-def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str, num_layers: int = 8, seed: int = 0,
+def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_layers: int = 8, seed: int = 0,
                     heads: tuple[int, int, int] = (2, 1, 64)) -> str:
-    """A small random-weight model of a family, saved with the default model's tokenizer.
+    """A small random-weight model of a family, saved with the default model's tokenizer (or, with
+    tokenizer_dir None, a word-level one over WORDS, for machines without the default model).
     heads: (query heads, K/V heads, head size)."""
     import transformers
     cfg_name, model_name, extra = TINY[family]
@@ -37,10 +38,27 @@ def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str, num_layers: i
             if p.dim() == 2:
                 p.normal_(0, 0.08)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer_dir is None:
+        word_tokenizer(out_dir)
+        return out_dir
     for f in os.listdir(tokenizer_dir):
         if f.startswith("tokenizer") or f.endswith(".jinja"):
             shutil.copy(os.path.join(tokenizer_dir, f), out_dir)
     return out_dir
+
+
+WORDS = ("the state of the union is strong and the people are free to work and to build a nation "
+         "where every child can learn and every family can hope for a better future together").split()
+
+
+def word_tokenizer(out_dir: str) -> None:
+    """A whitespace word-level tokenizer over WORDS (ids 2..; 0 unknown, 1 end of text), built here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(sorted(set(WORDS)))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(out_dir)
 
 
 def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interval: int = 4, seed: int = 0,

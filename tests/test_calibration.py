@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_MODEL
-from helpers import make_tiny_model
+from helpers import WORDS, make_tiny_model
 from vllm_tide.calibrate import (CalibrationConfig, States, auc, calibrate, choose_presets, choose_propagated,
                                  cosine_labels, exit_metrics, kl_labels, net_layers_saved)
 from vllm_tide.checkpoint import RouterCheckpoint
@@ -17,12 +17,10 @@ needs_tokenizer = pytest.mark.skipif(not os.path.isdir(DEFAULT_MODEL), reason="n
 
 
 def corpus(tmp_path):
-    words = ("the state of the union is strong and the people are free to work and to build a nation "
-             "where every child can learn and every family can hope for a better future together ").split()
     g = torch.Generator().manual_seed(0)
     for i in range(12):
-        idx = torch.randint(0, len(words), (600,), generator=g)
-        (tmp_path / f"doc{i}.txt").write_text(" ".join(words[j] for j in idx))
+        idx = torch.randint(0, len(WORDS), (600,), generator=g)
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(WORDS[j] for j in idx))
     return [str(tmp_path)]
 
 
@@ -329,3 +327,79 @@ def test_simulation_from_a_checkpoint_matches_the_full_run(tmp_path, family):
         assert torch.equal(got_exits, want_exits) and (got_exits >= 0).sum() >= 3
         assert torch.allclose(got_logits, want_logits, rtol=0, atol=1e-5)
         assert (got_logits - logits).abs().max() > 1e-2       # the exits changed the outputs
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("criterion", "mse", "Unknown label criterion"), ("exit_projection", "mlp", "Unknown exit projection"),
+    ("max_tokens", 500, "--max-tokens must be at least 1000"), ("target_agreement", 1.5, "--target-agreement"),
+    ("kl_bound", 0.0, "--kl-bound must be a positive"), ("max_ppl_increase", -0.1, "--max-ppl-increase"),
+    ("answer_tokens", -1, "--answer-tokens"), ("checkpoint_cost", float("nan"), "--checkpoint-cost"),
+    ("affine_rank", 0, "--affine-rank"), ("device", "cuda", "--device cuda needs a CUDA GPU")])
+def test_bad_calibration_settings_get_one_sentence(field, value, why):
+    if field == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so --device cuda is fine")
+    cfg = CalibrationConfig(model="m", output="o")
+    cfg.validate()
+    setattr(cfg, field, value)
+    with pytest.raises(TideConfigError, match=why) as e:
+        cfg.validate()
+    assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+
+
+@needs_cuda
+def test_exit_simulation_on_cuda_matches_cpu(tmp_path):
+    """Calibration's simulations run where the model is (routers and projections are trained on the
+    CPU): on a GPU, the same exits, logits and per-set figures as on the CPU."""
+    from transformers import AutoModelForCausalLM
+    from helpers import synthetic_router
+    from vllm_tide.calibrate import PropagatedEval
+    from vllm_tide.simulate import ExitSimulator, full_pass
+    model_dir = make_tiny_model("qwen2", str(tmp_path / "m"), None, num_layers=8)
+    ckpt = synthetic_router(model_dir, str(tmp_path / "r.safetensors"), {3: "some", 5: "some"}, interval=2,
+                            projection="affine")
+    cpu = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gpu = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().cuda()
+    seq = torch.randint(100, 4000, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+    for min_layer in (0, 4):
+        want_logits, want_exits, _ = ExitSimulator.from_checkpoint(cpu, ckpt, 0.5, min_layer).run(seq)
+        sim = ExitSimulator.from_checkpoint(gpu, ckpt, 0.5, min_layer)
+        logits, exits, _ = sim.run(seq)
+        assert torch.equal(exits.cpu(), want_exits) and (want_exits >= 0).sum() >= 3
+        assert torch.allclose(logits.cpu(), want_logits, rtol=1e-4, atol=1e-4)
+        prefix, _ = full_pass(gpu, seq, ckpt.layers)
+        assert torch.equal(sim.run_from(prefix, min(sim.routers))[1].cpu(), want_exits)
+    routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
+    text, answers = [seq, seq[::-1]], [(seq[:40], 20)]
+    want = PropagatedEval(cpu, text, routers, ckpt.projections, 8, answers)(0.5, 3)["by_set"]
+    got = PropagatedEval(gpu, text, routers, ckpt.projections, 8, answers)(0.5, 3)["by_set"]
+    for name in ("text", "answers"):
+        assert got[name] == pytest.approx(want[name], rel=1e-4)
+    assert all(next(r.parameters()).is_cpu for r in routers.values())    # the caller's routers stay put
+
+
+@needs_cuda
+def test_calibration_on_cuda(tmp_path):
+    """`--device cuda`: the model, simulations and LM-head products on the GPU give the same
+    checkpoint as on the CPU, up to fp32 rounding in the labels."""
+    model = make_tiny_model("llama", str(tmp_path / "m"), None, num_layers=6)
+    (tmp_path / "c").mkdir()
+    docs = corpus(tmp_path / "c")
+
+    def run(device):
+        return calibrate(CalibrationConfig(model=model, output=str(tmp_path / f"{device}.safetensors"), corpus=docs,
+                                           max_tokens=3000, seq_len=128, interval=2, epochs=2, dtype="float32",
+                                           kl_bound=2.0, target_agreement=0.5, max_ppl_increase=10.0,
+                                           select_tokens=256, answer_tokens=96, checkpoint_cost=0.0, device=device))
+    cpu, gpu = run("cpu"), run("cuda")
+    assert gpu.layers == cpu.layers == [1, 3] and gpu.tokens == cpu.tokens
+    for c in cpu.layers:
+        assert gpu.projections[c].temperature == pytest.approx(cpu.projections[c].temperature, rel=1e-3)
+        assert torch.allclose(gpu.projections[c].weight, cpu.projections[c].weight, atol=1e-3)
+    for g, c in zip(gpu.extra["validation"], cpu.extra["validation"]):
+        assert g["positive_rate"] == pytest.approx(c["positive_rate"], abs=0.02)
+        assert g["exit_top1_agreement"] == pytest.approx(c["exit_top1_agreement"], abs=0.01)
+    assert gpu.extra["answer_tokens"] == cpu.extra["answer_tokens"] == 96
+    assert gpu.extra["propagated"] is not None and gpu.extra["propagated"]["top1_agreement"] >= 0.5

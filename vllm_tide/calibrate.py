@@ -92,6 +92,9 @@ class CalibrationConfig:
             raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TideConfigError("--device cuda needs a CUDA GPU and a CUDA build of torch, and this machine has "
+                                  "neither usable; calibrate with --device cpu or on a GPU machine.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,9 +197,10 @@ def fit_projection(kind: str, z: torch.Tensor, states: "States", lm_w: torch.Ten
         return None
     proj = fit_affine(z.float(), states.final.float(), ridge, rank) if kind == "affine" else ExitProjection()
     idx = _sample(len(z), TEMPERATURE_SAMPLE, seed)
-    w = lm_w.float()
-    final_logp = torch.log_softmax(states.final[idx].float() @ w.T, -1)
-    return dataclasses.replace(proj, temperature=fit_temperature(proj.apply(z[idx]) @ w.T, final_logp))
+    w = lm_w.float()        # on the model's device, where the sample's logits are computed
+    final_logp = torch.log_softmax(states.final[idx].to(w.device).float() @ w.T, -1)
+    exit_logits = proj.to(w.device).apply(z[idx].to(w.device)) @ w.T
+    return dataclasses.replace(proj, temperature=fit_temperature(exit_logits, final_logp))
 
 
 @dataclass
@@ -211,32 +215,36 @@ class ExitMetrics:
 def exit_metrics(states: "States", projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
                  with_kl: bool, with_nll: bool = True, chunk: int = 4096) -> dict[int, ExitMetrics]:
     """For every checkpoint and token, what exiting there would give: one chunked pass in which the
-    full model's distribution is computed once per chunk and compared with each checkpoint's exit."""
+    full model's distribution is computed once per chunk and compared with each checkpoint's exit.
+    It runs where ``lm_w`` is (the model's device: on a GPU the LM-head products dominate calibration);
+    the states stay on the CPU and so do the results."""
     layers = sorted(projections)
+    projections = {c: None if p is None else p.to(lm_w.device) for c, p in projections.items()}
     parts = {c: [] for c in layers}
     finals = []
     w = lm_w
+    rows = lambda t: t[s:s + chunk].to(w.device)  # noqa: E731
     n = len(states.top1)
     for s in range(0, n, chunk):
-        tgt = states.target[s:s + chunk]
+        tgt = rows(states.target)
         has = tgt >= 0
         safe = tgt.clamp(min=0)[:, None]
         need_logp = with_kl or with_nll
         if need_logp:
-            final_logp = torch.log_softmax((states.final[s:s + chunk].to(w.dtype) @ w.T).float(), -1)
+            final_logp = torch.log_softmax((rows(states.final).to(w.dtype) @ w.T).float(), -1)
             final_p = final_logp.exp() if with_kl else None
-            finals.append(torch.where(has, -final_logp.gather(1, safe)[:, 0], torch.nan))
+            finals.append(torch.where(has, -final_logp.gather(1, safe)[:, 0], torch.nan).cpu())
         else:
             finals.append(torch.full((len(tgt),), torch.nan))
         for c in layers:
-            h = apply_projection(states.z[c][s:s + chunk].to(w.dtype), projections[c])
+            h = apply_projection(rows(states.z[c]).to(w.dtype), projections[c])
             logits = h @ w.T
-            agree = logits.argmax(-1) == states.top1[s:s + chunk]
+            agree = (logits.argmax(-1) == rows(states.top1)).cpu()
             nll = kl = None
             if need_logp:
                 lq = torch.log_softmax(logits.float(), -1)
-                nll = torch.where(has, -lq.gather(1, safe)[:, 0], torch.nan)
-                kl = (final_p * (final_logp - lq)).sum(-1) if with_kl else None
+                nll = torch.where(has, -lq.gather(1, safe)[:, 0], torch.nan).cpu()
+                kl = (final_p * (final_logp - lq)).sum(-1).cpu() if with_kl else None
             else:
                 nll = torch.full((len(tgt),), torch.nan)
             parts[c].append((agree, kl, nll))
@@ -404,10 +412,12 @@ class PropagatedEval:
 
     @staticmethod
     def _counted(seq: list[int], first: int, logits: torch.Tensor, exit_at: torch.Tensor):
-        """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens."""
+        """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens
+        (computed where the logits are, returned on the CPU)."""
         s = max(first - 1, 0)
-        nll = -torch.log_softmax(logits[s:-1], -1).gather(1, torch.tensor(seq[s + 1:])[:, None])[:, 0]
-        return logits.argmax(-1)[s:-1], nll, exit_at[s:-1]
+        nxt = torch.tensor(seq[s + 1:], device=logits.device)[:, None]
+        nll = -torch.log_softmax(logits[s:-1], -1).gather(1, nxt)[:, 0]
+        return logits.argmax(-1)[s:-1].cpu(), nll.cpu(), exit_at[s:-1].cpu()
 
     def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
         key = (name, threshold, min_layer)
@@ -509,7 +519,7 @@ class Collected:
     val: States
     val_seqs: list[list[int]]
     answers: list[tuple[list[int], int]]   # (prompt + the model's greedy answer, prompt length)
-    lm_w: torch.Tensor
+    lm_w: torch.Tensor                     # the LM head's weight, on the model's device
     corpus_name: str
     dtype: torch.dtype
     seconds: float
@@ -539,7 +549,7 @@ def collect(cfg: CalibrationConfig) -> Collected:
     train = collect_states(model, train_seqs, layers, cfg.device, "calibration pass")
     val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
     answers = own_answers(model, tokenizer, val_seqs, cfg)
-    lm_w = model.get_output_embeddings().weight.detach().cpu()
+    lm_w = model.get_output_embeddings().weight.detach()     # on the model's device, like the LM head
     return Collected(model, identity, num_layers, layers, train, val, val_seqs, answers, lm_w, corpus_name, dtype,
                      time.time() - t0)
 

@@ -16,6 +16,7 @@ sequence, and ``ExitSimulator.run_from`` runs only the layers from that checkpoi
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,10 @@ from .router import Router, router_input
 class ExitSimulator:
     def __init__(self, hf_model, routers: dict[int, Router], projections: dict, threshold: float, min_layer: int):
         self.hf = hf_model
-        self.routers = {c: r for c, r in routers.items() if c >= min_layer}
-        self.projections = projections
+        # everything the exits touch lives where the model does (routers are trained on the CPU)
+        self.device = hf_model.model.norm.weight.device
+        self.routers = {c: _on(r, self.device) for c, r in routers.items() if c >= min_layer}
+        self.projections = {c: p.to(self.device) for c, p in projections.items() if p is not None}
         self.threshold = threshold
 
     @classmethod
@@ -51,7 +54,7 @@ class ExitSimulator:
                  for i, layer in enumerate(layers)] if capture_inputs else []
         try:
             with self._exits(len(ids)) as exit_at:
-                hidden = self.hf.model(torch.tensor([ids], device=norm.weight.device)).last_hidden_state[0]
+                hidden = self.hf.model(torch.tensor([ids], device=self.device)).last_hidden_state[0]
         finally:
             for h in extra:
                 h.remove()
@@ -88,8 +91,8 @@ class ExitSimulator:
         """Hooks on every decoder layer that apply the exits while the layers run; yields the exit layer
         per token (-1: none), filled in as they run."""
         norm = self.hf.model.norm
-        exit_at = torch.full((t,), -1)
-        frozen = torch.zeros(t, self.hf.config.hidden_size, dtype=norm.weight.dtype)
+        exit_at = torch.full((t,), -1, device=self.device)
+        frozen = torch.zeros(t, self.hf.config.hidden_size, dtype=norm.weight.dtype, device=self.device)
 
         def hook(li):
             def fn(_m, _inp, out):
@@ -112,6 +115,11 @@ class ExitSimulator:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _on(router: Router, device: torch.device) -> Router:
+    """The router on ``device``: itself when it is there already, else a copy (the caller's stays put)."""
+    return router if next(router.parameters()).device == device else copy.deepcopy(router).to(device)
 
 
 @dataclass
