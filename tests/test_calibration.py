@@ -301,7 +301,7 @@ def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
     # a stored result with every set is kept as it is, and nothing is simulated for it
     stored = PropagatedEval(hf, text, routers, {}, 8, answers)
     stored.remember(r)
-    assert stored.results == {(0.5, 0): r} and stored(0.5, 0) == r and stored._base == {}
+    assert stored.results == {(0.5, 0): r} and stored(0.5, 0) == r and stored._full == {}
 
 
 @needs_tokenizer

@@ -382,8 +382,8 @@ class PropagatedEval:
         self.model, self.routers, self.projections = model, routers, projections
         self.num_layers = num_layers
         self.sets = {"text": [(seq, 0) for seq in seqs], **({"answers": list(answers)} if answers else {})}
-        self._base: dict[str, tuple] = {}     # the full model's figures per set, computed when first needed
-        self._passes: dict[str, list[Prefix]] = {}    # the full model's pass over each sequence, per set
+        # per set, when first needed: the full model's pass over each sequence, its top-1 and NLLs
+        self._full: dict[str, tuple[list[Prefix], torch.Tensor, torch.Tensor]] = {}
         self.measured: dict[tuple[str, float, int], dict] = {}
 
     @property
@@ -393,11 +393,11 @@ class PropagatedEval:
         return {p: self._combine(*p) for p in sorted(points)
                 if all((name, *p) in self.measured for name in self.sets)}
 
-    def _prefixes(self, name: str) -> list[Prefix]:
-        """The full model's pass over each sequence of a set, run once when first needed: it gives the
-        base figures the points are compared with, and each point's simulation starts from it at the
-        point's first active checkpoint (the layers below are the full model's)."""
-        if name not in self._passes:
+    def _full_model(self, name: str) -> tuple[list[Prefix], torch.Tensor, torch.Tensor]:
+        """The full model's pass over each sequence of a set, run once when first needed, and the base
+        figures it gives (top-1, NLL), which the points are compared with; each point's simulation
+        starts from the pass at the point's first active checkpoint (the layers below are the full model's)."""
+        if name not in self._full:
             starts = sorted(self.routers)
             passes, top1, nll = [], [], []
             for seq, first in self.sets[name]:
@@ -406,9 +406,8 @@ class PropagatedEval:
                 t, n, _ = self._counted(seq, first, logits, torch.full((len(seq),), -1))
                 top1.append(t)
                 nll.append(n)
-            self._passes[name] = passes
-            self._base[name] = torch.cat(top1), torch.cat(nll).double()
-        return self._passes[name]
+            self._full[name] = passes, torch.cat(top1), torch.cat(nll).double()
+        return self._full[name]
 
     @staticmethod
     def _counted(seq: list[int], first: int, logits: torch.Tensor, exit_at: torch.Tensor):
@@ -422,8 +421,7 @@ class PropagatedEval:
     def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
         key = (name, threshold, min_layer)
         if key not in self.measured:
-            passes = self._prefixes(name)
-            base_top1, base_nll = self._base[name]
+            passes, base_top1, base_nll = self._full_model(name)
             # the simulation starts at the point's first active checkpoint; with none, nothing exits
             start = min(sim.routers, default=None)
             if start is None:
