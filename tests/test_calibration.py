@@ -334,7 +334,10 @@ def test_simulation_from_a_checkpoint_matches_the_full_run(tmp_path, family):
     ("max_tokens", 500, "--max-tokens must be at least 1000"), ("target_agreement", 1.5, "--target-agreement"),
     ("kl_bound", 0.0, "--kl-bound must be a positive"), ("max_ppl_increase", -0.1, "--max-ppl-increase"),
     ("answer_tokens", -1, "--answer-tokens"), ("checkpoint_cost", float("nan"), "--checkpoint-cost"),
-    ("affine_rank", 0, "--affine-rank"), ("device", "cuda", "--device cuda needs a CUDA GPU")])
+    ("affine_rank", 0, "--affine-rank"), ("device", "cuda", "--device cuda needs a CUDA GPU"),
+    ("corpus", ["/nonexistent/a.txt"], "--corpus '/nonexistent/a.txt' does not exist"),
+    ("output", "/proc/tide/r.safetensors", "Cannot write the router checkpoint"),
+    ("output", "/tmp", "Cannot write the router checkpoint")])
 def test_bad_calibration_settings_get_one_sentence(field, value, why):
     if field == "device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU, so --device cuda is fine")
@@ -344,6 +347,12 @@ def test_bad_calibration_settings_get_one_sentence(field, value, why):
     with pytest.raises(TideConfigError, match=why) as e:
         cfg.validate()
     assert str(e.value).count(". ") == 0 and str(e.value).endswith(".")
+
+
+def test_calibration_output_folder_is_made_up_front(tmp_path):
+    out = tmp_path / "new" / "deeper" / "r.safetensors"
+    CalibrationConfig(model="m", output=str(out)).validate()
+    assert out.parent.is_dir() and not out.exists()
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")

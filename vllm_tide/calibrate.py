@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -92,9 +93,27 @@ class CalibrationConfig:
             raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
+        missing = [p for p in self.corpus if not os.path.exists(p)]
+        if missing:
+            raise TideConfigError(f"--corpus {missing[0]!r} does not exist; pass text files or folders of .txt files.")
+        if self.output:
+            _check_output(self.output)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TideConfigError("--device cuda needs a CUDA GPU and a CUDA build of torch, and this machine has "
                                   "neither usable; calibrate with --device cpu or on a GPU machine.")
+
+
+def _check_output(path: str) -> None:
+    """Fail before the (long) run, not at the save: the output's folder is made, and must be writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        ok = os.access(folder, os.W_OK) and not os.path.isdir(path)
+    except OSError:
+        ok = False
+    if not ok:
+        raise TideConfigError(f"Cannot write the router checkpoint to {path!r}; pass an --output file path in a "
+                              f"writable folder.")
 
 
 # ----------------------------------------------------------------------------- data
