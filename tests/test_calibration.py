@@ -412,3 +412,9 @@ def test_calibration_on_cuda(tmp_path):
         assert g["exit_top1_agreement"] == pytest.approx(c["exit_top1_agreement"], abs=0.01)
     assert gpu.extra["answer_tokens"] == cpu.extra["answer_tokens"] == 96
     assert gpu.extra["propagated"] is not None and gpu.extra["propagated"]["top1_agreement"] >= 0.5
+
+
+def test_missing_corpora_say_how_to_get_them(tmp_path):
+    from vllm_tide import corpus
+    with pytest.raises(TideConfigError, match="run `make setup`.*or pass your own text with --corpus"):
+        corpus.split_files("calibration", str(tmp_path))

@@ -11,6 +11,8 @@ import glob
 import os
 import re
 
+from .errors import TideConfigError
+
 SPLITS = ("calibration", "validation", "dev", "test")
 DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -33,7 +35,8 @@ def split_files(split: str, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
         held = {p for i, p in enumerate(early) if i % 10 == 9}
         files = [p for p in early if (p in held) == (split == "validation")]
     if not files:
-        raise FileNotFoundError(f"no text for split {split!r} under {data_dir}; run `make setup` first")
+        raise TideConfigError(f"There is no text for the {split!r} split under {data_dir}; run `make setup` to fetch "
+                              f"the corpora, or pass your own text with --corpus.")
     return files
 
 
