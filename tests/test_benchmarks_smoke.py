@@ -93,14 +93,15 @@ def test_ops_benchmark_smoke(tmp_path):
     assert "goal: router_score" in out
 
 
-def test_gpu_op_tests_collect_without_vllm():
-    """scripts/gpu_check.sh runs `pytest tests/test_ops.py -k cuda` on a machine without vLLM."""
+@pytest.mark.parametrize("tests,at_least", [("tests/test_ops.py", 100), ("tests/test_calibration.py", 3)])
+def test_gpu_tests_collect_without_vllm(tests, at_least):
+    """scripts/gpu_check.sh runs `pytest TESTS -k cuda` on a machine without vLLM."""
     code = WITHOUT_VLLM + ("import pytest; sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', "
-                           "'-k', 'cuda', 'tests/test_ops.py']))")
+                           f"'-k', 'cuda', '{tests}']))")
     proc = subprocess.run([sys.executable, "-c", code, "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     collected = int(proc.stdout.split(" tests collected")[0].split()[-1].split("/")[0])
-    assert collected >= 100, proc.stdout[-500:]
+    assert collected >= at_least, proc.stdout[-500:]
 
 
 def test_frontier_choice_and_report(tmp_path):
