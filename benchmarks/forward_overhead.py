@@ -25,6 +25,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+PROMPTS = ["The history of the United States", "A recipe for bread starts with", "The theory of relativity says",
+           "Once upon a time in a small village", "To install Python on Linux, first", "The best way to learn a language",
+           "In the ocean, whales", "My favourite book is"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -72,7 +77,8 @@ def main() -> None:
         return True
 
     llm.apply_model(instrument)
-    prompts = ["The history of the United States"] * args.batch
+    # distinct prompts: identical rows would exit all together, so a batch would never see partial layers
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     sp = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     state["on"] = True
     llm.generate(prompts, sp, use_tqdm=False)            # warm-up
