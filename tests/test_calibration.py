@@ -213,6 +213,16 @@ def test_operating_point_choice_pays_for_its_checkpoints():
     assert presets["balanced"] == evaluate(0.95, 11)       # nets -0.2, -0.08, +0.04
 
 
+def test_threshold_search_goes_below_one_half():
+    """Router scores follow the labels, not the bar: a router trained on strict labels can meet a loose
+    bar far below 0.5, and the search finds the lowest threshold that meets it."""
+    def evaluate(t, m):     # agreement rises with the threshold: 0.89 at 0.05, 0.90 at 0.1
+        return {"threshold": t, "min_layer": m, "top1_agreement": 0.88 + 0.2 * t, "ppl_ratio": 1.0,
+                "skipped_fraction": 1 - t}
+    assert choose_propagated(evaluate, [3], 0.9, None, None, 8, 0.0)["threshold"] == 0.1
+    assert choose_propagated(evaluate, [3], 0.87, None, None, 8, 0.0)["threshold"] == 0.05
+
+
 @needs_tokenizer
 def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
     """The validation answers are the frozen model's greedy continuations of instruction prompts built
