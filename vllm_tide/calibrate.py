@@ -29,7 +29,7 @@ from .errors import TideConfigError
 from .fingerprint import model_identity
 from .projection import ExitProjection, fit_affine, fit_temperature
 from .router import Router, router_input
-from .simulate import ExitSimulator, Prefix, full_pass
+from .simulate import ExitSimulator, Prefix, full_pass, on_model_device
 
 # Router scores follow the labels, not the bar: a router trained on strict labels meets a loose bar
 # well below 0.5 (the grid once stopped there, and the default model's `fast` preset sat on it; with
@@ -401,7 +401,9 @@ class PropagatedEval:
 
     def __init__(self, model, seqs: list[list[int]], routers: dict[int, Router], projections: dict, num_layers: int,
                  answers: list[tuple[list[int], int]] = ()):
-        self.model, self.routers, self.projections = model, routers, projections
+        self.model = model
+        # on the model's device once, not for every point simulated
+        self.routers, self.projections = on_model_device(model, routers, projections)
         self.num_layers = num_layers
         self.sets = {"text": [(seq, 0) for seq in seqs], **({"answers": list(answers)} if answers else {})}
         # per set, when first needed: the full model's pass over each sequence, its top-1 and NLLs
@@ -628,9 +630,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
     propagated, evaluations, presets, unpaid = None, [], {}, {}
     if cfg.select_tokens > 0:
-        evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods,
-                                  {c: p for c, p in projections.items() if p is not None}, col.num_layers,
-                                  col.answers)
+        evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods, projections,
+                                  col.num_layers, col.answers)
         with tqdm(desc="propagated choice", unit="point", file=sys.stderr) as bar:
             inner = evaluate.__call__
 

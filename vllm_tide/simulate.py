@@ -27,10 +27,9 @@ from .router import Router, router_input
 class ExitSimulator:
     def __init__(self, hf_model, routers: dict[int, Router], projections: dict, threshold: float, min_layer: int):
         self.hf = hf_model
-        # everything the exits touch lives where the model does (routers are trained on the CPU)
         self.device = hf_model.model.norm.weight.device
-        self.routers = {c: _on(r, self.device) for c, r in routers.items() if c >= min_layer}
-        self.projections = {c: p.to(self.device) for c, p in projections.items() if p is not None}
+        self.routers, self.projections = on_model_device(
+            hf_model, {c: r for c, r in routers.items() if c >= min_layer}, projections)
         self.threshold = threshold
 
     @classmethod
@@ -117,9 +116,16 @@ class ExitSimulator:
                 h.remove()
 
 
-def _on(router: Router, device: torch.device) -> Router:
-    """The router on ``device``: itself when it is there already, else a copy (the caller's stays put)."""
-    return router if next(router.parameters()).device == device else copy.deepcopy(router).to(device)
+def on_model_device(hf_model, routers: dict[int, Router], projections: dict) -> tuple[dict, dict]:
+    """Routers and (non-identity) projections where the model is, since everything the exits touch
+    lives there (routers are trained on the CPU): each one itself when it is there already, else a copy,
+    so the caller's stay put. Callers that simulate many points move them once."""
+    device = hf_model.model.norm.weight.device
+
+    def on(router: Router) -> Router:
+        return router if next(router.parameters()).device == device else copy.deepcopy(router).to(device)
+    return ({c: on(r) for c, r in routers.items()},
+            {c: p.to(device) for c, p in projections.items() if p is not None})
 
 
 @dataclass
