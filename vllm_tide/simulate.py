@@ -40,7 +40,6 @@ class ExitSimulator:
     @torch.no_grad()
     def run(self, ids: list[int], capture_inputs: bool = False):
         """(logits [T, V] fp32, exit layer per token [-1: none], layer inputs {layer: [T, D]} if asked)."""
-        norm = self.hf.model.norm
         inputs = {}
 
         def pre_hook(li):
