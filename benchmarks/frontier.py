@@ -94,7 +94,8 @@ def measure(args, runs: dict, variant: str | None, threshold, min_layer, split: 
         tide = quality.run_worker(quality_args(args, router, split, min_layer, full), threshold)
         row = quality.compare(runs[stock_key], tide)
         row.update({"variant": variant, "threshold": threshold, "min_layer": min_layer, "split": split,
-                    "size": size, "exited_fraction": row["text_skipped_layer_fraction"] + row["text_partial_layer_fraction"]})
+                    "size": size, "exited_fraction": row["text_skipped_layer_fraction"] + row["text_partial_layer_fraction"]
+                    + row.get("text_masked_layer_fraction", 0.0)})
         runs[key] = row
         save_runs(runs)
         print(f"[frontier] {key}: agreement {row['top1_agreement']:.4f} ppl {row['ppl_ratio']:.4f} exited "

@@ -58,7 +58,8 @@ def worker(args) -> None:
         if args.worker == "tide":
             from vllm_tide import exit_stats
             s = exit_stats(llm)
-            out.update(skipped=s["skipped_layer_fraction"], partial=s["partial_layer_fraction"])
+            out.update(skipped=s["skipped_layer_fraction"], partial=s["partial_layer_fraction"],
+                       masked=s["masked_layer_fraction"])
         print("JSON" + json.dumps(out), flush=True)
 
 
@@ -138,11 +139,12 @@ def main() -> None:
                 "stock_tok_s": rate["stock"], "tide_tok_s": rate["tide"], "ratio": statistics.median(ratios),
                 "ratio_min": ratios[0], "ratio_max": ratios[-1],
                 "skipped_layer_fraction": statistics.median(r.get("skipped", 0.0) for r in runs["tide"]),
-                "partial_layer_fraction": statistics.median(r.get("partial", 0.0) for r in runs["tide"])}
+                "partial_layer_fraction": statistics.median(r.get("partial", 0.0) for r in runs["tide"]),
+                "masked_layer_fraction": statistics.median(r.get("masked", 0.0) for r in runs["tide"])}
             m = results["modes"][mode]
             print(f"{mode:>10}: stock {m['stock_tok_s']:8.1f} tok/s  tide {m['tide_tok_s']:8.1f} tok/s  "
                   f"ratio {m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}]  skipped {m['skipped_layer_fraction']:.3f}  "
-                  f"partial {m['partial_layer_fraction']:.3f}", flush=True)
+                  f"partial {m['partial_layer_fraction']:.3f}  masked {m['masked_layer_fraction']:.3f}", flush=True)
     finally:
         for e in engines.values():
             e.close()

@@ -177,3 +177,44 @@ def test_final_segment_includes_the_final_norm(compiles):
         assert got.shape == (n, D)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert compiles == ["tide_layers_0_1_final"]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", [None, "eager", "inductor"])
+def test_masked_segment_equals_partial_layers(backend, compiles):
+    """A masked segment (every row computed, exited rows put back to (0, frozen) after each layer) gives
+    what a chain of partial layers gives: running rows updated alike, exited rows (0, frozen), the same
+    final norm and router scores; with in-place fused norms, at every size, traced once per variant."""
+    from vllm_tide.ops import reference
+    torch.manual_seed(0)
+    layers, norm = [_Layer(0.6), _Layer(1.1), _Layer(1.7)], _Norm()
+    for layer in layers:
+        layer.input_layernorm, layer.post_attention_layernorm = _InPlaceNorm(), _InPlaceNorm()
+    adapter = _Adapter()
+    router = (norm.weight, 1e-6, torch.randn(4, D), torch.randn(4), torch.randn(4), torch.randn(1))
+    runner, gen = SegmentRunner(backend), torch.Generator().manual_seed(5)
+    for n, running in ((6, [0, 2, 3]), (9, [8]), (2, [1]), (4, [3]), (33, list(range(0, 33, 3)))):
+        positions, h, residual = _rows(n, gen)
+        running = torch.tensor(running, dtype=torch.int64)
+        exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
+        h[exited] = 0
+        frozen = residual.clone()
+        masked = (exited, frozen[exited])
+        want_h, want_r = h.clone(), residual.clone()
+        for layer in layers:
+            want_h, want_r = _run_partial_layer(layer, adapter, positions, want_h, want_r, running)
+        got_h, got_r = runner(layers, 0, 2, positions, h.clone(), residual.clone(), masked=masked)
+        tol = dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_h, want_h, **tol)
+        torch.testing.assert_close(got_r, want_r, **tol)
+        assert torch.equal(got_r[exited], frozen[exited]) and not got_h[exited].any()
+        got = runner(layers, 0, 2, positions, h.clone(), residual.clone(), final_norm=norm, masked=masked)
+        torch.testing.assert_close(got, norm(want_h, want_r.clone())[0], **tol)
+        torch.testing.assert_close(got[exited], norm(torch.zeros_like(frozen[exited]), frozen[exited].clone())[0],
+                                   **tol)
+        *_, score = runner(layers, 0, 2, positions, h.clone(), residual.clone(), router, masked=masked)
+        want_score = reference.router_score(want_h + want_r, *router, 2.0, torch.ones(n, dtype=torch.bool))[0]
+        torch.testing.assert_close(score, want_score, **tol)
+    if backend is not None:
+        assert runner.traced and sorted(compiles) == ["tide_layers_0_2_masked", "tide_layers_0_2_masked_final",
+                                                      "tide_layers_0_2_masked_scored"]

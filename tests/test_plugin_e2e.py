@@ -140,6 +140,12 @@ def test_all_tokens_exit_at_one_checkpoint(tmp_path):
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
 
 
+def set_split_rule(engine, min_rows: int, min_fraction: float) -> bool:
+    """When the engine splits a step's rows after exits (partial layers) instead of masking them."""
+    engine.split_min_rows, engine.split_min_fraction = min_rows, min_fraction
+    return True
+
+
 def check_propagated_cache(llm, ref, ids, exit_layer):
     """Deeper layers' paged caches hold, for exited tokens, the K computed from the frozen state."""
     from vllm_tide.kv_cache import cache_layout, cache_views
@@ -178,7 +184,9 @@ def test_mixed_exits_with_each_exit_projection(tmp_path, projection):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex    # tokens really exited at different depths
-        assert exit_stats(llm)["partial_layer_fraction"] > 0
+        # both ways of running the rest of a step: split rows (prefill, many exits) and masked (decode)
+        stats = exit_stats(llm)
+        assert stats["partial_layer_fraction"] > 0 and stats["masked_layer_fraction"] > 0, stats
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
 
 
@@ -208,7 +216,9 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex
-        assert exit_stats(llm)["partial_layer_fraction"] > 0     # the compiled partial-layer graph ran
+        stats = exit_stats(llm)      # the compiled partial-layer and masked-segment graphs ran
+        assert stats["partial_layer_fraction"] > 0 and stats["masked_layer_fraction"] > 0, stats
+        assert any(n.endswith("_masked_final") for n in compiled[:at_start_up]), compiled
         # TIDE's functions were traced during start-up and are called through their bytecode: no request,
         # at any token count (1 included), compiles or recompiles one
         assert [name for name in compiled[at_start_up:] if name.startswith("tide_")] == []
@@ -249,7 +259,7 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
     requests in the batch: vLLM 0.32 itself gets those wrong with LoRA on CPU (prompt logprobs fail, a
     plain request batched with adapted ones gets different logits), with or without TIDE."""
     from vllm.lora.request import LoRARequest
-    from vllm_tide import exit_stats
+    from vllm_tide import exit_stats, reset_exit_stats
     base = make_tiny_model("llama", str(tmp_path / "base"), DEFAULT_MODEL)
     router = str(tmp_path / "r.safetensors")
     ckpt = synthetic_router(base, router, {3: "some"}, seed=2)
@@ -261,11 +271,16 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
         refs.append(Reference(merged, ckpt, 0.5, 0))
 
     def check(llm):
+        check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)    # masked segments
+        assert exit_stats(llm)["masked_layer_fraction"] > 0
+        reset_exit_stats(llm)
+        llm.apply_model(lambda m: set_split_rule(m.tide, min_rows=1, min_fraction=0.0))     # partial layers
         check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)
         for prompt in PROMPTS[2:4]:      # alone: a decode step whose token exits fills K/V only
             check_against_reference(llm, refs[0], [prompt], 8, loras[0], prompt_logprobs=False)
         stats = exit_stats(llm)
         assert stats["partial_layer_fraction"] > 0 and stats["skipped_layer_fraction"] > 0, stats
+        assert stats["masked_layer_fraction"] == 0, stats
     with_engine(base, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enable_lora=True, max_lora_rank=8,
                 max_loras=2)
 

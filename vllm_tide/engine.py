@@ -9,8 +9,11 @@ enforce_eager):
   (hidden=0, residual=x_e), so each deeper layer's fused add+norm yields norm(x_e) for it.
 - While some tokens are still running, each deeper layer runs its attention block over all tokens
   (exited tokens thereby write K/V computed from x_e into that layer's paged cache, and the attention
-  metadata stays untouched), but the output projection, post-attention norm, MLP and residual
-  update run only on the running rows (gather -> compute -> scatter). Those are "partial" token-layers.
+  metadata stays untouched). When many rows have exited (see _masking), the output projection,
+  post-attention norm, MLP and residual update run only on the running rows (gather -> compute ->
+  scatter): "partial" token-layers. When few have, the segments up to the next checkpoint run over
+  every row as in a step without exits, and the exited rows are put back to (0, x_e) after each
+  layer: "masked" token-layers, computed and discarded, which saves nothing but costs no extra calls.
 - Once every token has exited, the remaining layers only fill K/V: one stacked GEMM over all deeper
   layers' folded K/V weights, k-norm and rotary, then each layer's cache write. Attention and MLP are
   skipped entirely. Those are "skipped" token-layers.
@@ -118,6 +121,9 @@ class EarlyExitEngine:
         self._kv: dict | None = None
         self._tp = None
         self.run_layers = run_layers or SegmentRunner()     # compiled as the engine compiles, or eager
+        # when the rows still running split off from the exited ones (see _masking)
+        self.split_min_rows = 16
+        self.split_min_fraction = 0.25
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
         self.step_min = threshold
@@ -174,17 +180,24 @@ class EarlyExitEngine:
             return model(input_ids, positions, None, inputs_embeds)
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
         residual = None
-        exit_layer = None          # [N] int64, -1 while running; None until the first exit
+        exits = []                 # (checkpoint layer, row indices that exited there)
         running = None             # row indices still running; None means all
+        masked = None              # (exited rows, frozen states) while they ride along with the batch
         num_layers = len(model.layers)
         i = 0
         while i < num_layers:
             score = None
-            if running is None:          # every token runs: the whole segment up to the next checkpoint
-                if self._segment_end[i] == num_layers - 1:
-                    # none exited: the rest of the stack and the final norm in one call, as stock runs them
-                    return self._final_segment(model, i, positions, h, residual)
-                i, h, residual, score = self._segment(model, i, positions, h, residual)
+            if running is None or masked is not None:    # every row through the segment to the next checkpoint
+                end = self._segment_end[i]
+                if masked is not None:
+                    self.counters.masked += (n - running.numel()) * (end - i + 1)
+                if end == num_layers - 1:
+                    # the rest of the stack and the final norm in one call, as stock runs them
+                    out = self._final_segment(model, i, positions, h, residual, masked)
+                    return self._project_exits(out, exits)
+                i, h, residual, score = self._segment(model, i, positions, h, residual, masked)
+                if masked is not None and score is not None:
+                    score = score.index_select(0, running)
             elif running.numel() == 0:
                 self._fill_kv(model, residual, positions, i)
                 self.counters.skipped += n * (num_layers - i)
@@ -194,21 +207,47 @@ class EarlyExitEngine:
                                                       running, all_rows=self.lora)
                 self.counters.partial += n - running.numel()
             if i in self._routers:
-                h, residual, exit_layer, running = self._route(i, h, residual, exit_layer, running, thresholds, score)
+                before = running
+                h, residual, running = self._route(i, h, residual, exits, running, thresholds, score)
+                if running is not before:      # tokens exited here: how the rest of the step runs
+                    masked = self._masking(n, running, residual, exits)
             i += 1
         out, _ = model.norm(h, residual)
-        if exit_layer is not None:
-            out = self._project_exits(out, exit_layer)
-        return out
+        return self._project_exits(out, exits)
+
+    def _masking(self, n: int, running: torch.Tensor, residual: torch.Tensor, exits: list):
+        """(exited rows, their frozen states) to run the next layers masked, or None to split the rows
+        (partial layers, or the K/V fill alone once every row has exited).
+
+        Splitting saves the exited rows' output projection and MLP, but runs each deeper layer as its
+        own call with row gathers; a masked segment runs as many calls as a step without exits and
+        computes the exited rows with the batch. Splitting pays only when many rows have exited: at
+        least ``split_min_rows`` and ``split_min_fraction`` of the step (so a small decode batch with
+        one exit keeps stock's call pattern, and a long prefill with many exits skips their work).
+        """
+        exited = n - running.numel()
+        if running.numel() == 0 or (exited >= self.split_min_rows and exited >= self.split_min_fraction * n):
+            return None
+        rows = exits[0][1] if len(exits) == 1 else torch.cat([r for _, r in exits])
+        return rows, residual.index_select(0, rows)     # a copy: layers may update their residual in place
 
     def _warm_up(self, model, input_ids, positions, inputs_embeds) -> None:
         """Trace every compiled function during vLLM's start-up dummy runs, not on the first request."""
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        residual, i = None, 0
+        residual, i, starts = None, 0, []
         while self._segment_end[i] < len(model.layers) - 1:
             end, h, residual, _ = self._segment(model, i, positions, h, residual)
             i = end + 1
-        self._final_segment(model, i, positions, h, residual)
+            starts.append((i, h.clone(), residual.clone()))
+        self._final_segment(model, i, positions, h.clone(), residual.clone())
+        # every segment after a checkpoint can run masked: two rows held frozen (a 1 would be specialised)
+        for start, h_in, r_in in starts:
+            exited = torch.arange(2, device=h_in.device)
+            masked = (exited, r_in[:2].clone())
+            if self._segment_end[start] == len(model.layers) - 1:
+                self._final_segment(model, start, positions, h_in, r_in, masked)
+            else:
+                self._segment(model, start, positions, h_in, r_in, masked)
         # 2 running rows out of more than 2: neither size is specialised (a 1 would be) nor unified
         running = torch.arange(2, device=h.device)
         # every layer after the first checkpoint can be partial (a shared graph serves them all)
@@ -219,8 +258,9 @@ class EarlyExitEngine:
             if self.run_layers.shared_partial:
                 break
 
-    def _segment(self, model, start, positions, h, residual):
-        """Run layers start..end, end being the next routing checkpoint or the last layer.
+    def _segment(self, model, start, positions, h, residual, masked=None):
+        """Run layers start..end, end being the next routing checkpoint or the last layer (masked: exited
+        rows held at their frozen state).
 
         Returns (end, h, residual, score at end or None); compiled, the end's router scores all rows
         in the segment's graph, eagerly _route scores them.
@@ -228,14 +268,14 @@ class EarlyExitEngine:
         end = self._segment_end[start]
         if self.run_layers.compiled and end in self._routers:
             h, residual, score = self.run_layers(model.layers, start, end, positions, h, residual,
-                                                 (*self._norm, *self._routers[end]))
+                                                 (*self._norm, *self._routers[end]), masked=masked)
             return end, h, residual, score
-        return (end, *self.run_layers(model.layers, start, end, positions, h, residual), None)
+        return (end, *self.run_layers(model.layers, start, end, positions, h, residual, masked=masked), None)
 
-    def _final_segment(self, model, start, positions, h, residual) -> torch.Tensor:
-        """Layers start..last and the final norm (every token ran them all): the step's hidden output."""
+    def _final_segment(self, model, start, positions, h, residual, masked=None) -> torch.Tensor:
+        """Layers start..last and the final norm: the step's hidden output (an exited row's is norm(frozen))."""
         return self.run_layers(model.layers, start, len(model.layers) - 1, positions, h, residual,
-                               final_norm=model.norm)
+                               final_norm=model.norm, masked=masked)
 
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
@@ -246,10 +286,10 @@ class EarlyExitEngine:
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
         return thr[:n], self.step_min < OFF
 
-    def _route(self, layer, h, residual, exit_layer, running, thresholds=None, score=None):
-        """Score the running rows at checkpoint ``layer`` (unless the compiled segment already did, for
-        all rows); freeze the ones that exit."""
-        n = h.shape[0]
+    def _route(self, layer, h, residual, exits, running, thresholds=None, score=None):
+        """Score the running rows at checkpoint ``layer`` (unless the compiled segment already did);
+        freeze the ones that exit and append (layer, their rows) to ``exits``. Returns (h, residual,
+        running), ``running`` being the same object when no row exited."""
         # with per-request thresholds: score at the step's lowest, then hold each row to its own
         bar = self.threshold if thresholds is None else self.step_min
         if score is None:
@@ -265,20 +305,18 @@ class EarlyExitEngine:
             fire = self._tp.broadcast(fire.to(torch.uint8), src=0).bool()
         num_exits = int(fire.sum())     # the one host sync per checkpoint: the layer loop branches on it
         if num_exits == 0:
-            return h, residual, exit_layer, running
+            return h, residual, running
         order, _ = ops.compact(fire)
         k = fire.shape[0] - num_exits
-        rows = torch.arange(n, device=h.device) if running is None else running
-        order_exited = order[k:]
-        exited = rows.index_select(0, order_exited)
-        if exit_layer is None:
-            exit_layer = torch.full((n,), -1, dtype=torch.int64, device=h.device)
-        exit_layer[exited] = layer
+        if running is not None:      # positions among the running rows -> rows of the step
+            order = running.index_select(0, order)
+        exited, running = order[k:], order[:k]
+        exits.append((layer, exited))
         self.counters.exits[layer] += num_exits
         # freeze as (hidden, residual) = (0, x_e), so later fused add+norms give norm(x_e)
         ops.scatter_rows(residual, exited, h.index_select(0, exited) + residual.index_select(0, exited))
-        ops.scatter_rows(h, exited, torch.zeros(num_exits, h.shape[1], dtype=h.dtype, device=h.device))
-        return h, residual, exit_layer, rows.index_select(0, order[:k])
+        h.index_fill_(0, exited, 0.0)
+        return h, residual, running
 
     def _fill_kv(self, model, frozen: torch.Tensor, positions: torch.Tensor, start: int) -> None:
         """Every token has exited: write layers start.. K/V from the frozen states, nothing else."""
@@ -302,10 +340,10 @@ class EarlyExitEngine:
             unified_kv_cache_update(k.reshape(n, heads, head_size), v.reshape(n, heads, head_size),
                                     layer.self_attn.attn.layer_name)
 
-    def _project_exits(self, out: torch.Tensor, exit_layer: torch.Tensor) -> torch.Tensor:
+    def _project_exits(self, out: torch.Tensor, exits: list) -> torch.Tensor:
         """Each exited row gets its own checkpoint's projection (only exited rows are touched)."""
-        for c, proj in self._proj.items():
-            rows = (exit_layer == c).nonzero().flatten()
-            if rows.numel():
+        for layer, rows in exits:
+            proj = self._proj.get(layer)
+            if proj is not None:
                 ops.scatter_rows(out, rows, proj.apply(out.index_select(0, rows)).to(out.dtype))
         return out

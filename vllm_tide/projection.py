@@ -34,11 +34,12 @@ class ExitProjection:
         """Project rows of h in fp32; returns fp32."""
         y = h.float()
         if self.weight is not None:
-            y = torch.nn.functional.linear(y, self.weight)
-        elif self.u is not None:
-            y = y + (y @ self.v.T) @ self.u.T
-        if self.bias is not None:
-            y = y + self.bias
+            y = torch.nn.functional.linear(y, self.weight, self.bias)
+        else:
+            if self.u is not None:
+                y = y + (y @ self.v.T) @ self.u.T
+            if self.bias is not None:
+                y = y + self.bias
         if self.temperature != 1.0:
             y = y / self.temperature
         return y
