@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=4, help="prompts per step")
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--execution", default="compiled", choices=["compiled", "eager"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -47,7 +48,7 @@ def main() -> None:
     from vllm_tide.engine import _real_step
 
     rows = args.prompt_tokens * args.batch
-    llm = LLM(model=args.model, dtype="float32", max_model_len=max(2048, args.prompt_tokens + 16), block_size=32,
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=args.execution == "eager", max_model_len=max(2048, args.prompt_tokens + 16), block_size=32,
               seed=0, max_num_batched_tokens=max(8192, rows), enable_prefix_caching=False,
               additional_config={"tide": {"router": args.router, "threshold": args.threshold,
                                           "min_layer": args.min_layer}})

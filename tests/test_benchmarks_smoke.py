@@ -78,6 +78,16 @@ def test_forward_overhead_benchmark_smoke(tmp_path):
     assert r["median_ms"]["stock"] > 0 and r["median_ms"]["tide"] > 0 and r["speed_ratio_stock_over_tide"] > 0
 
 
+@pytest.mark.e2e
+@requires_engine
+def test_split_rule_benchmark_smoke(tmp_path):
+    r = run_with_router(tmp_path, "split_rule.py", {11: "some", 19: "some"}, "--threshold", "0.5", "--min-layer", "0",
+                        "--prompt-tokens", "24", "--batch", "2", "--repeats", "2", "--execution", "eager", seed=3)
+    assert r["steps"] == 2 and set(r["median_ms"]) == {"stock", "engine rule (16 rows and 25%)", "always masked",
+                                                       "always split"}
+    assert all(v > 0 for v in r["median_ms"].values()) and sum(r["exit_fraction_per_layer"].values()) > 0
+
+
 def test_ops_benchmark_smoke(tmp_path):
     """ops_bench.py runs only in the rare device session (scripts/gpu_check.sh), so its code is run here,
     on CPU at tiny shapes (twin against twin) and without vLLM, where a bug cannot waste that session."""
