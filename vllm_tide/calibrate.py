@@ -245,9 +245,10 @@ def exit_metrics(states: "States", projections: dict[int, ExitProjection | None]
     parts = {c: [] for c in layers}
     finals = []
     w = lm_w
-    rows = lambda t: t[s:s + chunk].to(w.device)  # noqa: E731
     n = len(states.top1)
     for s in range(0, n, chunk):
+        def rows(t: torch.Tensor, s: int = s) -> torch.Tensor:     # this chunk's rows, on the LM head's device
+            return t[s:s + chunk].to(w.device)
         tgt = rows(states.target)
         has = tgt >= 0
         safe = tgt.clamp(min=0)[:, None]
@@ -597,7 +598,8 @@ def _select_seqs(seqs: list[list[int]], tokens: int) -> list[list[int]]:
 
 
 def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> RouterCheckpoint:
-    cfg.validate()
+    if collected is not None:       # collect() validates the settings it is given
+        cfg.validate()
     t0 = time.time()
     col = collected or collect(cfg)
     train, val, lm_w, layers = col.train, col.val, col.lm_w, col.layers
