@@ -4,7 +4,8 @@
 #
 # It does this twice: for the kernels on main, then for main + each patch in csrc/pending/ (applied to
 # a copy in a temporary folder), so one device call says whether the pending rework is correct and faster.
-# Last, it runs the calibration tests that need a GPU (`--device cuda` against the CPU).
+# Then it runs the calibration tests that need a GPU (`--device cuda` against the CPU) and, last, the
+# compiled-layer tests on CUDA (segments, masked segments and partial layers through dynamo and inductor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
@@ -46,3 +47,9 @@ fi
 echo "==== calibration on CUDA vs CPU"
 PYTHONPATH=. $PY -m pytest -q -p no:cacheprovider tests/test_calibration.py -k cuda 2>&1 \
   | tee "$OUT/tests_calibration_cuda.log" | tail -15
+
+# Last (inductor compiles for CUDA take a while; everything above is done by then):
+echo "==== compiled layers on CUDA vs CPU (the router kernel of the main build in the scored graph)"
+TIDE_OPS_LIBRARY=$(ls "$PWD"/build/ops-main/*tide_ops*.so 2>/dev/null | head -1) PYTHONPATH=. \
+  $PY -m pytest -q -p no:cacheprovider tests/test_compiled_layers.py -k cuda -rs 2>&1 \
+  | tee "$OUT/tests_compiled_layers_cuda.log" | tail -15

@@ -103,7 +103,8 @@ def test_ops_benchmark_smoke(tmp_path):
     assert "goal: router_score" in out
 
 
-@pytest.mark.parametrize("tests,at_least", [("tests/test_ops.py", 100), ("tests/test_calibration.py", 3)])
+@pytest.mark.parametrize("tests,at_least", [("tests/test_ops.py", 100), ("tests/test_calibration.py", 3),
+                                            ("tests/test_compiled_layers.py", 2)])
 def test_gpu_tests_collect_without_vllm(tests, at_least):
     """scripts/gpu_check.sh runs `pytest TESTS -k cuda` on a machine without vLLM."""
     code = WITHOUT_VLLM + ("import pytest; sys.exit(pytest.main(['-q', '--collect-only', '-p', 'no:cacheprovider', "

@@ -218,3 +218,50 @@ def test_masked_segment_equals_partial_layers(backend, compiles):
     if backend is not None:
         assert runner.traced and sorted(compiles) == ["tide_layers_0_2_masked", "tide_layers_0_2_masked_final",
                                                       "tide_layers_0_2_masked_scored"]
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_segments_on_cuda_match_cpu(backend):
+    """The compiled functions on a GPU (no vLLM needed): plain, scored and masked segments and partial
+    layers, traced once on CUDA tensors, against their eager definitions on the CPU (with the CUDA ops
+    library loaded, the scored graph calls the fused router kernel)."""
+    import copy
+    if backend == "inductor":
+        pytest.importorskip("triton")
+    from vllm_tide.ops import reference
+    torch.manual_seed(0)
+    cpu_layers, cpu_norm = [_Layer(0.6), _Layer(1.1)], _Norm()
+    for layer in cpu_layers:
+        layer.input_layernorm, layer.post_attention_layernorm = _InPlaceNorm(), _InPlaceNorm()
+    layers, norm = [copy.deepcopy(m).cuda() for m in cpu_layers], copy.deepcopy(cpu_norm).cuda()
+    cpu_router = (cpu_norm.weight, 1e-6, torch.randn(4, D), torch.randn(4), torch.randn(4), torch.randn(1))
+    router = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in cpu_router)
+    adapter, runner, gen = _Adapter(), SegmentRunner(backend), torch.Generator().manual_seed(6)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    for n, running in ((6, [0, 2, 3]), (1, [0]), (33, list(range(0, 33, 3)))):
+        positions, h, residual = _rows(n, gen)
+        running = torch.tensor(running, dtype=torch.int64)
+        exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
+        h[exited] = 0
+        cuda = lambda *ts: [t.clone().cuda() for t in ts]  # noqa: E731  (copies: layers write in place)
+        want = _run_segment(cpu_layers, positions, h.clone(), residual.clone())
+        got = runner(layers, 0, 1, *cuda(positions, h, residual))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu(), w, **tol)
+        *_, score = runner(layers, 0, 1, *cuda(positions, h, residual), router)
+        want_score = reference.router_score(sum(want), *cpu_router, 2.0, torch.ones(n, dtype=torch.bool))[0]
+        torch.testing.assert_close(score.cpu(), want_score, **tol)
+        got = runner.partial(0, layers[0], adapter, *cuda(positions, h, residual, running))
+        want = _run_partial_layer(cpu_layers[0], adapter, positions, h.clone(), residual.clone(), running)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu(), w, **tol)
+        if len(exited):
+            want_h, want_r = h.clone(), residual.clone()
+            for layer in cpu_layers:
+                want_h, want_r = _run_partial_layer(layer, adapter, positions, want_h, want_r, running)
+            got = runner(layers, 0, 1, *cuda(positions, h, residual), final_norm=norm,
+                         masked=tuple(cuda(exited, residual[exited])))
+            torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r.clone())[0], **tol)
+    assert runner.traced
