@@ -49,7 +49,7 @@ class CalibrationConfig:
     max_tokens: int = 110_000
     seq_len: int = 512
     interval: int = 4
-    # defaults chosen from the frontier on development data (benchmarks/frontier.py, README "Measured")
+    # defaults chosen from the frontier on development data (benchmarks/frontier.py, docs/MEASUREMENTS.md)
     criterion: str = "kl"
     exit_projection: str = "affine"
     device: str = "cpu"
@@ -398,7 +398,7 @@ class PropagatedEval:
     answers (vllm_tide.answers; only the answer tokens count). Every figure is the worse of the sets: a
     point must keep quality and pay for its checkpoints on both. (Judging the saving on the answers
     alone, where the model exits more, picked a two-checkpoint `fast` point on the default model that
-    measured 7% slower than stock at batch-1 decode; see README "Measured".)"""
+    measured 7% slower than stock at batch-1 decode; see docs/MEASUREMENTS.md.)"""
 
     def __init__(self, model, seqs: list[list[int]], routers: dict[int, Router], projections: dict, num_layers: int,
                  answers: list[tuple[list[int], int]] = ()):
