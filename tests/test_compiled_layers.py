@@ -265,3 +265,31 @@ def test_segments_on_cuda_match_cpu(backend):
                          masked=tuple(cuda(exited, residual[exited])))
             torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r.clone())[0], **tol)
     assert runner.traced
+
+
+def test_exited_rows_are_masked_while_few_and_split_once_many():
+    """engine._masking: (exited rows, a copy of their frozen states) to run masked segments while fewer
+    than 16 rows or a quarter of the step have exited; None (split rows / K/V fill only) otherwise."""
+    from types import SimpleNamespace
+
+    from vllm_tide.engine import EarlyExitEngine
+    rule = SimpleNamespace(split_min_rows=16, split_min_fraction=0.25)
+
+    def masking(n, exited_sets):
+        residual = torch.randn(n, D)
+        exits = [(layer, torch.tensor(rows)) for layer, rows in exited_sets]
+        gone = {r for _, rows in exited_sets for r in rows}
+        running = torch.tensor([i for i in range(n) if i not in gone], dtype=torch.int64)
+        return residual, EarlyExitEngine._masking(rule, n, running, residual, exits)
+
+    residual, (rows, frozen) = masking(8, [(27, [3])])
+    assert rows.tolist() == [3] and torch.equal(frozen, residual[[3]])
+    residual[3] = 0                                   # layers update the residual in place: frozen is a copy
+    assert frozen.abs().sum() > 0
+    _, (rows, _) = masking(8, [(23, [5, 1]), (27, [0])])
+    assert rows.tolist() == [5, 1, 0]                 # every exit so far, in order
+    assert masking(1024, [(27, list(range(15)))])[1] is not None       # 15 rows: masked
+    assert masking(100, [(27, list(range(16)))])[1] is not None        # 16 rows but 16%: masked
+    assert masking(40, [(27, list(range(16)))])[1] is None             # 16 rows and 40%: split
+    assert masking(1024, [(27, list(range(300)))])[1] is None
+    assert masking(4, [(27, [0, 1, 2, 3])])[1] is None                 # every row exited: K/V fill only
