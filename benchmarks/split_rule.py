@@ -9,7 +9,7 @@ the rest over the running rows only: "partial" layers, one call per layer) or ru
 masked (every row computed as in a step without exits, exited rows put back to their frozen state
 after each layer). It splits when at least ``split_min_rows`` rows and ``split_min_fraction`` of the
 step have exited (engine._masking). This times, on every real step, stock's compiled forward and
-TIDE's under three rules, in random order: the engine's rule, always masked, always split. Decode
+TIDE's under three rules, in random order (same_steps.py): the engine's rule, always masked, always split. Decode
 steps (small batches) are what benchmarks/forward_overhead.py measures.
 """
 from __future__ import annotations
@@ -17,14 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
-import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 RULES = {"engine rule (16 rows and 25%)": None, "always masked": (10**9, 1.0), "always split": (1, 0.0)}
+
+
+def _rule(min_rows: int, min_fraction: float):
+    def configure(engine) -> None:
+        engine.split_min_rows, engine.split_min_fraction = min_rows, min_fraction
+    return configure
 
 
 def main() -> None:
@@ -43,49 +47,28 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from same_steps import SameSteps
+
     from vllm_tide import exit_stats
     from vllm_tide.corpus import split_texts
-    from vllm_tide.engine import _real_step
 
     rows = args.prompt_tokens * args.batch
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=args.execution == "eager", max_model_len=max(2048, args.prompt_tokens + 16), block_size=32,
-              seed=0, max_num_batched_tokens=max(8192, rows), enable_prefix_caching=False,
+    llm = LLM(model=args.model, dtype="float32", enforce_eager=args.execution == "eager",
+              max_model_len=max(2048, args.prompt_tokens + 16), block_size=32, seed=0,
+              max_num_batched_tokens=max(8192, rows), enable_prefix_caching=False,
               additional_config={"tide": {"router": args.router, "threshold": args.threshold,
                                           "min_layer": args.min_layer}})
     ids = llm.get_tokenizer()(" ".join(split_texts("dev")))["input_ids"]
     n = args.prompt_tokens
     prompts = [TokensPrompt(prompt_token_ids=ids[i * n:(i + 1) * n]) for i in range(args.batch * (args.repeats + 1))]
-    times: dict[str, list[float]] = {}
-    state = {"on": False}
-    rng = random.Random(args.seed)
-
-    def instrument(lm):
-        engine = lm.tide
-        default = (engine.split_min_rows, engine.split_min_fraction)
-
-        def forward(input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-            if not state["on"] or not _real_step()[0]:
-                return engine.forward(lm, input_ids, positions, inputs_embeds)
-            order = ["stock", *RULES]
-            rng.shuffle(order)
-            for name in order:
-                engine.split_min_rows, engine.split_min_fraction = RULES.get(name) or default
-                t0 = time.perf_counter()
-                out = (lm.model(input_ids, positions, None, inputs_embeds) if name == "stock"
-                       else engine.forward(lm, input_ids, positions, inputs_embeds))
-                times.setdefault(name, []).append(time.perf_counter() - t0)
-            engine.split_min_rows, engine.split_min_fraction = default
-            return out
-
-        lm.forward = forward
-        return True
-
-    llm.apply_model(instrument)
+    steps = SameSteps(llm, {name: None if rule is None else _rule(*rule) for name, rule in RULES.items()},
+                      seed=args.seed)
     sp = SamplingParams(temperature=0, max_tokens=1)
     llm.generate(prompts[:args.batch], sp, use_tqdm=False)             # warm-up
-    state["on"] = True
+    steps.on = True
     for r in range(1, args.repeats + 1):
         llm.generate(prompts[r * args.batch:(r + 1) * args.batch], sp, use_tqdm=False)
+    times = steps.times
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     stats = exit_stats(llm)
     exited = {layer: round(count / stats["tokens"], 4) for layer, count in stats["exits_per_layer"].items()}
