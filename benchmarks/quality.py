@@ -169,16 +169,16 @@ def compare(stock: dict, tide: dict) -> dict:
             "gen_mean_first_divergence": sum(first_divergence(a, b) for a, b in gens) / len(gens),
             "text_skipped_layer_fraction": t["skipped_layer_fraction"],
             "text_partial_layer_fraction": t["partial_layer_fraction"],
-            "text_masked_layer_fraction": t.get("masked_layer_fraction", 0.0),
+            "text_masked_layer_fraction": t["masked_layer_fraction"],
             "text_exits_per_layer": t["exits_per_layer"],
             "gen_skipped_layer_fraction": g["skipped_layer_fraction"],
             "gen_partial_layer_fraction": g["partial_layer_fraction"],
-            "gen_masked_layer_fraction": g.get("masked_layer_fraction", 0.0),
+            "gen_masked_layer_fraction": g["masked_layer_fraction"],
             "gen_exits_per_layer": g["exits_per_layer"],
             "transcript_agreement": token_agreement(stock["transcript_top1"], tide["transcript_top1"]),
             "transcript_positions": sum(map(len, tide["transcript_top1"])),
             "transcript_partial_layer_fraction": c["partial_layer_fraction"],
-            "transcript_masked_layer_fraction": c.get("masked_layer_fraction", 0.0),
+            "transcript_masked_layer_fraction": c["masked_layer_fraction"],
             "transcript_exits_per_layer": c["exits_per_layer"], "tokens": n}
 
 

@@ -75,7 +75,7 @@ def _run_segment_masked_final(layers, positions, h, residual, exited, frozen, no
 def _run_segment_masked_scored(layers, positions, h, residual, exited, frozen, router):
     """The masked segment, then its end checkpoint's router score for every row (exited rows' are unused)."""
     h, residual = _run_segment_masked(layers, positions, h, residual, exited, frozen)
-    return (h, residual, _score(h + residual, router))
+    return h, residual, _score(h + residual, router)
 
 
 def _run_partial_layer(layer, adapter, positions, h, residual, running):

@@ -239,7 +239,7 @@ class EarlyExitEngine:
             end, h, residual, _ = self._segment(model, i, positions, h, residual)
             i = end + 1
             starts.append((i, h.clone(), residual.clone()))
-        self._final_segment(model, i, positions, h.clone(), residual.clone())
+        self._final_segment(model, i, positions, h, residual)     # ``starts`` holds copies
         # every segment after a checkpoint can run masked: two rows held frozen (a 1 would be specialised)
         for start, h_in, r_in in starts:
             exited = torch.arange(2, device=h_in.device)

@@ -25,8 +25,7 @@ class ExitCounters:
 
     def snapshot(self) -> dict:
         return with_fractions({"tokens": self.tokens, "exits_per_layer": dict(self.exits),
-                               "skipped_token_layers": self.skipped, "partial_token_layers": self.partial,
-                               "masked_token_layers": self.masked,
+                               **{f"{kind}_token_layers": getattr(self, kind) for kind in KINDS},
                                "num_layers": self.num_layers})
 
 
