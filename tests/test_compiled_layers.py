@@ -286,8 +286,8 @@ def test_exited_rows_are_masked_while_few_and_split_once_many():
     assert rows.tolist() == [3] and torch.equal(frozen, residual[[3]])
     residual[3] = 0                                   # layers update the residual in place: frozen is a copy
     assert frozen.abs().sum() > 0
-    _, (rows, _) = masking(8, [(23, [5, 1]), (27, [0])])
-    assert rows.tolist() == [5, 1, 0]                 # every exit so far, in order
+    residual, (rows, frozen) = masking(8, [(23, [5, 1]), (27, [0])])
+    assert rows.tolist() == [5, 1, 0] and torch.equal(frozen, residual[[5, 1, 0]])   # every exit so far, in order
     assert masking(1024, [(27, list(range(15)))])[1] is not None       # 15 rows: masked
     assert masking(100, [(27, list(range(16)))])[1] is not None        # 16 rows but 16%: masked
     assert masking(40, [(27, list(range(16)))])[1] is None             # 16 rows and 40%: split
