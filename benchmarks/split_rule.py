@@ -8,8 +8,10 @@ After an exit the engine either splits the rows (each deeper layer runs attentio
 the rest over the running rows only: "partial" layers, one call per layer) or runs the next segments
 masked (every row computed as in a step without exits, exited rows put back to their frozen state
 after each layer). It splits when at least ``split_min_rows`` rows and ``split_min_fraction`` of the
-step have exited (engine._masking). This times, on every real step, stock's compiled forward and
-TIDE's under three rules, in random order (same_steps.py): the engine's rule, always masked, always split. Decode
+step have exited (engine._masking; the settings of those names, or ``--tide-split-min-rows`` and
+``--tide-split-min-fraction`` when serving). This times, on every real step, stock's compiled forward
+and TIDE's under three rules, in random order (same_steps.py): the default (engine) rule, always masked, always
+split; ``--rule ROWS FRACTION`` adds a rule of your own, e.g. to find the break-even on a GPU. Decode
 steps (small batches) are what benchmarks/forward_overhead.py measures.
 """
 from __future__ import annotations
@@ -42,8 +44,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--execution", default="compiled", choices=["compiled", "eager"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rule", nargs=2, action="append", default=[], metavar=("ROWS", "FRACTION"),
+                   help="also time this split rule (split_min_rows, split_min_fraction); repeatable")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    rules = dict(RULES)
+    for rows, fraction in args.rule:
+        rules[f"split at {rows} rows and {float(fraction):.0%}"] = (int(rows), float(fraction))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -61,7 +68,7 @@ def main() -> None:
     ids = llm.get_tokenizer()(" ".join(split_texts("dev")))["input_ids"]
     n = args.prompt_tokens
     prompts = [TokensPrompt(prompt_token_ids=ids[i * n:(i + 1) * n]) for i in range(args.batch * (args.repeats + 1))]
-    steps = SameSteps(llm, {name: None if rule is None else _rule(*rule) for name, rule in RULES.items()},
+    steps = SameSteps(llm, {name: None if rule is None else _rule(*rule) for name, rule in rules.items()},
                       seed=args.seed)
     sp = SamplingParams(temperature=0, max_tokens=1)
     llm.generate(prompts[:args.batch], sp, use_tqdm=False)             # warm-up

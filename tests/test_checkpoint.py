@@ -143,10 +143,16 @@ def test_settings_parse():
     s = TideSettings.parse({"router": "r.safetensors", "threshold": 1.0, "min_layer": 3})
     assert (s.threshold, s.min_layer, s.enabled) == (1.0, 3, True)
     assert TideSettings.parse({"enabled": False}).enabled is False
+    assert (s.split_min_rows, s.split_min_fraction) == (16, 0.25)
+    s = TideSettings.parse({"router": "r", "split_min_rows": 1, "split_min_fraction": 0})
+    assert (s.split_min_rows, s.split_min_fraction) == (1, 0.0)
     for bad in ({"threshold": 0.5}, {"router": "r", "threshold": 2}, {"router": "r", "min_layer": -1},
-                {"router": "r", "thresold": 0.5}, "r.safetensors"):
-        with pytest.raises(TideConfigError):
+                {"router": "r", "thresold": 0.5}, "r.safetensors", {"router": "r", "split_min_rows": 0},
+                {"router": "r", "split_min_rows": 2.5}, {"router": "r", "split_min_fraction": 1.5},
+                {"router": "r", "split_min_fraction": True}):
+        with pytest.raises(TideConfigError) as e:
             TideSettings.parse(bad)
+        one_line(e)
     # threshold precedence: explicit setting, else the checkpoint's suggestion
     ckpt = make_ckpt()
     assert TideSettings.parse({"router": "r"}).resolve(ckpt) == (0.875, 7)
@@ -163,6 +169,30 @@ def test_settings_parse():
     assert TideSettings.parse({"router": "r", "threshold": 1.0}).resolve(ckpt) == (1.0, 7)
     with pytest.raises(TideConfigError, match="has no preset 'balanced'"):
         TideSettings.parse({"router": "r", "preset": "balanced"}).resolve(ckpt)
+
+
+def test_serve_flags_become_settings():
+    """`vllm serve --plugin tide --tide-*` flags give the same settings as additional_config."""
+    import argparse
+    from vllm_tide.plugin import add_tide_cli_args, tide_config_from_args
+    parser = add_tide_cli_args(argparse.ArgumentParser())
+
+    def settings(*argv):
+        return tide_config_from_args(parser.parse_args(list(argv)))
+    assert settings() is None
+    raw = settings("--plugin", "tide", "--tide-router", "r.safetensors", "--tide-preset", "fast",
+                   "--tide-min-layer", "3", "--tide-split-min-rows", "4", "--tide-split-min-fraction", "0.5")
+    assert raw == {"router": "r.safetensors", "preset": "fast", "min_layer": 3, "split_min_rows": 4,
+                   "split_min_fraction": 0.5}
+    s = TideSettings.parse(raw)
+    assert (s.preset, s.min_layer, s.threshold, s.split_min_rows, s.split_min_fraction) == ("fast", 3, None, 4, 0.5)
+    for argv in (["--tide-router", "r"], ["--plugin", "tide"], ["--plugin", "tied", "--tide-router", "r"]):
+        with pytest.raises(TideConfigError) as e:
+            settings(*argv)
+        one_line(e)
+    with pytest.raises(TideConfigError) as e:
+        TideSettings.parse(settings("--plugin", "tide", "--tide-router", "r", "--tide-split-min-fraction", "2"))
+    one_line(e)
 
 
 def test_fingerprint_tracks_weights_as_stored(tmp_path):

@@ -32,6 +32,7 @@ from . import ops
 from .checkpoint import OFF, RouterCheckpoint
 from .kv_cache import write_layers_kv
 from .compiled_layers import SegmentRunner
+from .settings import DEFAULT_SPLIT_RULE
 from .stats import ExitCounters
 
 logger = logging.getLogger("vllm.tide")
@@ -104,7 +105,8 @@ def _real_step() -> tuple[bool, int | None]:
 
 class EarlyExitEngine:
     def __init__(self, ckpt: RouterCheckpoint, threshold: float, min_layer: int, adapter: DecoderAdapter,
-                 run_layers: SegmentRunner | None = None, lora: bool = False):
+                 run_layers: SegmentRunner | None = None, lora: bool = False,
+                 split_rule: tuple[int, float] = DEFAULT_SPLIT_RULE):
         self.ckpt = ckpt
         # With LoRA, the adapted projections must see every row of the step in its order (vLLM's LoRA
         # kernels index adapters by token position) and the K/V fill must include the adapters' deltas:
@@ -121,9 +123,8 @@ class EarlyExitEngine:
         self._kv: dict | None = None
         self._tp = None
         self.run_layers = run_layers or SegmentRunner()     # compiled as the engine compiles, or eager
-        # when the rows still running split off from the exited ones (see _masking)
-        self.split_min_rows = 16
-        self.split_min_fraction = 0.25
+        # when the rows still running split off from the exited ones (see _masking; settings.py)
+        self.split_min_rows, self.split_min_fraction = split_rule
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
         self.step_min = threshold

@@ -45,7 +45,7 @@ def _tide_variant(base: type, adapter: DecoderAdapter) -> type:
             threshold, min_layer = settings.resolve(ckpt)
             lora = vllm_config.lora_config is not None
             self.tide = EarlyExitEngine(ckpt, threshold, min_layer, adapter, SegmentRunner.for_engine(vllm_config),
-                                        lora=lora)
+                                        lora=lora, split_rule=(settings.split_min_rows, settings.split_min_fraction))
             if lora:
                 logger.info("TIDE with LoRA: the routers were calibrated on the base model, so check quality "
                             "with your adapters; partial layers compute every row under LoRA.")

@@ -47,6 +47,11 @@ def add_tide_cli_args(parser):
                    help="Shallowest layer a token may exit at; default: the checkpoint's suggestion.")
     g.add_argument("--tide-preset", default=None, metavar="NAME",
                    help="A named operating point stored in the router: default, balanced or fast.")
+    g.add_argument("--tide-split-min-rows", type=int, default=None, metavar="N",
+                   help="After exits, run the rest of a step on the running rows only when at least N rows "
+                        "(and --tide-split-min-fraction of the step) exited; else run it masked. Default 16.")
+    g.add_argument("--tide-split-min-fraction", type=float, default=None, metavar="F",
+                   help="See --tide-split-min-rows; a fraction in [0, 1]. Default 0.25.")
     return parser
 
 
@@ -56,7 +61,9 @@ def tide_config_from_args(args) -> dict | None:
     if unknown:
         raise TideConfigError(f"Unknown --plugin {unknown[0]!r}; the only plugin vllm-tide provides is `--plugin tide`.")
     flags = {"router": getattr(args, "tide_router", None), "threshold": getattr(args, "tide_threshold", None),
-             "min_layer": getattr(args, "tide_min_layer", None), "preset": getattr(args, "tide_preset", None)}
+             "min_layer": getattr(args, "tide_min_layer", None), "preset": getattr(args, "tide_preset", None),
+             "split_min_rows": getattr(args, "tide_split_min_rows", None),
+             "split_min_fraction": getattr(args, "tide_split_min_fraction", None)}
     given = {k: v for k, v in flags.items() if v is not None}
     if not plugins:
         if given:

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from .checkpoint import OFF, RouterCheckpoint, check_threshold
 from .errors import TideConfigError
 
-KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset"}
+# (split_min_rows, split_min_fraction) unless set; see TideSettings
+DEFAULT_SPLIT_RULE = (16, 0.25)
+
+KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset", "split_min_rows", "split_min_fraction"}
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,11 @@ class TideSettings:
     min_layer: int | None = None     # None: the checkpoint's suggested minimum exit depth
     enabled: bool = True
     preset: str | None = None        # a named operating point stored in the checkpoint (default/balanced/fast)
+    # After exits, a step splits its rows (partial layers over the running rows) only when at least this
+    # many rows and this fraction of the step have exited; otherwise it runs its segments masked. The
+    # defaults were measured on a CPU (benchmarks/split_rule.py); the break-even differs on a GPU.
+    split_min_rows: int = DEFAULT_SPLIT_RULE[0]
+    split_min_fraction: float = DEFAULT_SPLIT_RULE[1]
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "TideSettings | None":
@@ -50,7 +58,14 @@ class TideSettings:
         preset = raw.get("preset")
         if preset is not None and not isinstance(preset, str):
             raise TideConfigError(f"The TIDE preset must be a name like \"balanced\", got {preset!r}.")
-        return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled, preset=preset)
+        rows = raw.get("split_min_rows", cls.split_min_rows)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise TideConfigError(f"The TIDE split_min_rows must be a whole number of rows, at least 1, got {rows!r}.")
+        fraction = raw.get("split_min_fraction", cls.split_min_fraction)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise TideConfigError(f"The TIDE split_min_fraction must be a number in [0, 1], got {fraction!r}.")
+        return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled, preset=preset,
+                   split_min_rows=rows, split_min_fraction=float(fraction))
 
     def resolve(self, ckpt: RouterCheckpoint) -> tuple[float, int]:
         """Threshold and minimum exit depth in force: explicit settings win over a preset, which wins
