@@ -22,6 +22,7 @@ def params(n, threshold=None, enabled=None, **kw):
 def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
     """One batch: the engine's threshold, a lower and a higher one, and exits off. Each request's
     logprobs match the reference at its own threshold; exits-off is stock vLLM's output."""
+    from vllm import SamplingParams
     from vllm_tide import exit_stats, reset_exit_stats
     router = str(tmp_path / "r.safetensors")
     ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
@@ -53,7 +54,13 @@ def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
         reset_exit_stats(llm)
         off = llm.generate(prompts[:2], [params(8, enabled=False)] * 2, use_tqdm=False)
         assert [list(o.outputs[0].token_ids) for o in off] == want_stock[:2]
+        # n > 1: vLLM fans a request out into child requests, and each keeps the parent's setting
+        sampled = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=8, extra_args={"tide_enabled": False})
+        assert len(llm.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs) == 3
         assert sum(exit_stats(llm)["exits_per_layer"].values()) == 0
+        sampled.extra_args = {"tide_threshold": 0.2}
+        llm.generate(prompts[:1], sampled, use_tqdm=False)
+        assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0}, check)
 
 
