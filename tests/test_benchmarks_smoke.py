@@ -162,3 +162,47 @@ def test_demo_shows_the_best_point_when_the_default_keeps_exits_off(tmp_path, ca
         before = dict(exits)
         demo.explain_exits_off(exits)
         assert exits == before and capsys.readouterr().out == ""
+
+
+def test_propagation_maps_benchmark(tmp_path):
+    """The propagation experiment (HF only): its fitted maps reproduce an exactly affine update, without
+    maps it is exactly the plugin's reference simulator (copy propagation), and mapped states change
+    only later tokens (the exited tokens' own predictions are the same both ways)."""
+    import runpy
+    import torch
+    bench = runpy.run_path(os.path.join(ROOT, "benchmarks", "propagation_maps.py"))
+    # fit_maps: x_j = x + x A_j + b_j is recovered
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 16, generator=g, dtype=torch.float64)
+    truth = {j: (0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64), torch.randn(16, generator=g,
+                                                                                             dtype=torch.float64))
+             for j in (3, 4)}
+    states = {2: x, **{j: x + x @ a + b for j, (a, b) in truth.items()}}
+    maps = bench["fit_maps"](states, [1], 5, ridge=1e-9)
+    assert set(maps) == {(1, 3), (1, 4)}
+    for j, (a, b) in truth.items():
+        assert torch.allclose(maps[(1, j)][0].double(), a, atol=1e-4) and torch.allclose(maps[(1, j)][1].double(), b, atol=1e-4)
+    # without maps it is the plugin's reference simulator (copy propagation), exactly
+    from transformers import AutoModelForCausalLM
+    from helpers import make_tiny_model
+    from vllm_tide.checkpoint import RouterCheckpoint
+    from vllm_tide.simulate import ExitSimulator
+    tiny = make_tiny_model("llama", str(tmp_path / "tiny"), DEFAULT_MODEL)
+    synthetic_router(tiny, str(tmp_path / "tiny.safetensors"), {3: "some"}, seed=1)
+    hf = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ckpt = RouterCheckpoint.load(str(tmp_path / "tiny.safetensors"))
+    ids = torch.randint(0, 1000, (40,), generator=g).tolist()
+    want_logits, want_exits, _ = ExitSimulator.from_checkpoint(hf, ckpt, 0.5, 0).run(ids)
+    copy = bench["MappedExits"].from_checkpoint(hf, ckpt, 0.5, 0)
+    got_logits, got_exits, _ = copy.run(ids)
+    assert 0 < (want_exits >= 0).sum() < len(ids) and torch.equal(got_exits, want_exits)
+    assert torch.equal(got_logits, want_logits)
+    # the experiment end to end on the default model, with a router that exits some tokens at layer 23
+    router, res = str(tmp_path / "r.safetensors"), tmp_path / "result.json"
+    synthetic_router(DEFAULT_MODEL, router, {23: "some"}, seed=4)
+    run("propagation_maps.py", "--model", DEFAULT_MODEL, "--router", router, "--fit-tokens", "512",
+        "--val-tokens", "256", "--points", "0.5:23", "--search", "--json", str(res))
+    copy, mapped = (json.loads(res.read_text())["points"][0][k] for k in ("copy", "mapped"))
+    assert copy["exit_rate"] == mapped["exit_rate"] > 0.1
+    assert copy["disagreements"]["exited"] == mapped["disagreements"]["exited"]
+    assert copy["kl"] != mapped["kl"]      # the deeper layers' K/V did change
