@@ -106,7 +106,7 @@ def main():
     print(f"exits per checkpoint: {s['exits_per_layer']} of {s['tokens']} tokens")
     print(f"token-layers skipped (K/V fill only): {s['skipped_layer_fraction']:.3f}; "
           f"partial (attention only): {s['partial_layer_fraction']:.3f}; "
-          f"masked (computed with the batch, discarded): {s['masked_layer_fraction']:.3f}")
+          f"exits deferred (would have saved nothing in their step): {s['deferred_exits']}")
     print(f"batch-1 decode: stock {stock['tokens'] / stock['seconds']:.1f} tok/s, "
           f"tide {mine['tokens'] / mine['seconds']:.1f} tok/s (one run each, not a benchmark)")
 

@@ -75,7 +75,7 @@ def save_runs(runs: dict) -> None:
 def quality_args(args, router: str, split: str, min_layer, full: bool) -> argparse.Namespace:
     return argparse.Namespace(model=args.model, router=router, split=split, tokens=8192 if full else args.dev_tokens,
                               chunk=1024, dtype="float32", gen_prompts=100 if full else args.dev_prompts,
-                              gen_tokens=64, min_layer=min_layer)
+                              gen_tokens=64, min_layer=min_layer, chat=False, batched_exits=False)
 
 
 def measure(args, runs: dict, variant: str | None, threshold, min_layer, split: str, full: bool) -> dict:
@@ -95,7 +95,7 @@ def measure(args, runs: dict, variant: str | None, threshold, min_layer, split: 
         row = quality.compare(runs[stock_key], tide)
         row.update({"variant": variant, "threshold": threshold, "min_layer": min_layer, "split": split,
                     "size": size, "exited_fraction": row["text_skipped_layer_fraction"] + row["text_partial_layer_fraction"]
-                    + row.get("text_masked_layer_fraction", 0.0)})
+                    + row.get("text_masked_layer_fraction", 0.0)})   # rows measured before deferral may have it
         runs[key] = row
         save_runs(runs)
         print(f"[frontier] {key}: agreement {row['top1_agreement']:.4f} ppl {row['ppl_ratio']:.4f} exited "

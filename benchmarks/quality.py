@@ -12,6 +12,11 @@ measured too: stock's own transcripts (prompt + its greedy continuation) teacher
 top-1 agreement at the continuation's positions. Stock runs in its own process with the plugin
 unloaded; each threshold runs in a fresh process too. Pick settings on --split dev, report them on
 --split test.
+
+Every exit that fires is taken (split_min_rows 1, split_min_fraction 0), as for a single decode token:
+the per-token behaviour calibration measures, and the worst case. By default TIDE defers exits that
+would save nothing in their step (in a prefill chunk or a decode batch of which few rows exit), which
+only keeps those tokens on the full model; --batched-exits measures that instead.
 """
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def evaluate(args) -> dict:
               block_size=32, seed=0, enable_prefix_caching=False)
     if args.worker_threshold is not None:
         tide = {"router": args.router, "threshold": args.worker_threshold}
+        if not args.batched_exits:      # every exit taken, as for a single decode token
+            tide.update(split_min_rows=1, split_min_fraction=0.0)
         if args.min_layer is not None:
             tide["min_layer"] = args.min_layer
         kw["additional_config"] = {"tide": tide}
@@ -113,6 +120,8 @@ def run_worker(args, threshold: float | None, min_layer: int | None = None, tran
            "--gen-prompts", str(args.gen_prompts), "--gen-tokens", str(args.gen_tokens)]
     if args.chat:
         cmd.append("--chat")
+    if args.batched_exits:
+        cmd.append("--batched-exits")
     if threshold is None:
         env["VLLM_PLUGINS"] = "none-stock"
     else:
@@ -169,16 +178,16 @@ def compare(stock: dict, tide: dict) -> dict:
             "gen_mean_first_divergence": sum(first_divergence(a, b) for a, b in gens) / len(gens),
             "text_skipped_layer_fraction": t["skipped_layer_fraction"],
             "text_partial_layer_fraction": t["partial_layer_fraction"],
-            "text_masked_layer_fraction": t["masked_layer_fraction"],
+            "text_deferred_exits": t["deferred_exits"],
             "text_exits_per_layer": t["exits_per_layer"],
             "gen_skipped_layer_fraction": g["skipped_layer_fraction"],
             "gen_partial_layer_fraction": g["partial_layer_fraction"],
-            "gen_masked_layer_fraction": g["masked_layer_fraction"],
+            "gen_deferred_exits": g["deferred_exits"],
             "gen_exits_per_layer": g["exits_per_layer"],
             "transcript_agreement": token_agreement(stock["transcript_top1"], tide["transcript_top1"]),
             "transcript_positions": sum(map(len, tide["transcript_top1"])),
             "transcript_partial_layer_fraction": c["partial_layer_fraction"],
-            "transcript_masked_layer_fraction": c["masked_layer_fraction"],
+            "transcript_deferred_exits": c["deferred_exits"],
             "transcript_exits_per_layer": c["exits_per_layer"], "tokens": n}
 
 
@@ -203,6 +212,9 @@ def main() -> None:
     p.add_argument("--gen-prompts", type=int, default=100)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="generate through the model's chat template")
+    p.add_argument("--batched-exits", action="store_true",
+                   help="the engine's default split rule (exits that save nothing in their step deferred) "
+                        "instead of every exit taken")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-threshold", type=float, default=None, help=argparse.SUPPRESS)

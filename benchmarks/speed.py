@@ -59,7 +59,7 @@ def worker(args) -> None:
             from vllm_tide import exit_stats
             s = exit_stats(llm)
             out.update(skipped=s["skipped_layer_fraction"], partial=s["partial_layer_fraction"],
-                       masked=s["masked_layer_fraction"])
+                       exits=sum(s["exits_per_layer"].values()), deferred=s["deferred_exits"])
         print("JSON" + json.dumps(out), flush=True)
 
 
@@ -140,11 +140,12 @@ def main() -> None:
                 "ratio_min": ratios[0], "ratio_max": ratios[-1],
                 "skipped_layer_fraction": statistics.median(r.get("skipped", 0.0) for r in runs["tide"]),
                 "partial_layer_fraction": statistics.median(r.get("partial", 0.0) for r in runs["tide"]),
-                "masked_layer_fraction": statistics.median(r.get("masked", 0.0) for r in runs["tide"])}
+                "exits": statistics.median(r.get("exits", 0) for r in runs["tide"]),
+                "deferred_exits": statistics.median(r.get("deferred", 0) for r in runs["tide"])}
             m = results["modes"][mode]
             print(f"{mode:>10}: stock {m['stock_tok_s']:8.1f} tok/s  tide {m['tide_tok_s']:8.1f} tok/s  "
                   f"ratio {m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}]  skipped {m['skipped_layer_fraction']:.3f}  "
-                  f"partial {m['partial_layer_fraction']:.3f}  masked {m['masked_layer_fraction']:.3f}", flush=True)
+                  f"partial {m['partial_layer_fraction']:.3f}  exits {m['exits']:.0f} (deferred {m['deferred_exits']:.0f})", flush=True)
     finally:
         for e in engines.values():
             e.close()

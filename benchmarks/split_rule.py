@@ -1,18 +1,20 @@
-"""How the rest of a step runs after some of its tokens exit: split rows or masked segments, timed on
-the very same prefill steps against stock vLLM's forward, in one process.
+"""Which exits a step should take, timed on the very same prefill steps against stock vLLM's forward,
+in one process.
 
     python benchmarks/split_rule.py --threshold 0.3 --min-layer 11
     python benchmarks/split_rule.py --threshold 0.05 --min-layer 15     # many exits
 
-After an exit the engine either splits the rows (each deeper layer runs attention over every row and
-the rest over the running rows only: "partial" layers, one call per layer) or runs the next segments
-masked (every row computed as in a step without exits, exited rows put back to their frozen state
-after each layer). It splits when at least ``split_min_rows`` rows and ``split_min_fraction`` of the
-step have exited (engine._masking; the settings of those names, or ``--tide-split-min-rows`` and
-``--tide-split-min-fraction`` when serving). This times, on every real step, stock's compiled forward
-and TIDE's under three rules, in random order (same_steps.py): the default (engine) rule, always masked, always
-split; ``--rule ROWS FRACTION`` adds a rule of your own, e.g. to find the break-even on a GPU. Decode
-steps (small batches) are what benchmarks/forward_overhead.py measures.
+An exit that leaves other rows of its step running splits the step: each deeper layer runs attention
+over every row and the rest over the running rows only ("partial" layers, one call per layer with row
+gathers). That saves the exited rows' MLP but costs calls, so the engine takes such exits only once at
+least ``split_min_rows`` rows and ``split_min_fraction`` of the step have exited (engine._take; the
+settings of those names, or ``--tide-split-min-rows`` and ``--tide-split-min-fraction`` when serving),
+and defers the others (those tokens run on as without exits). This times, on every real step, stock's
+compiled forward and TIDE's under three rules, in random order (same_steps.py): the default rule,
+exits taken only when no row is left running, and every exit taken; ``--rule ROWS FRACTION`` adds a
+rule of your own, e.g. to find the break-even on a GPU. The rules differ in which exits they take, so
+they differ in output too (deferring keeps tokens on the full model). Decode steps (small batches) are
+what benchmarks/forward_overhead.py measures.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import statistics
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-RULES = {"engine rule (16 rows and 25%)": None, "always masked": (10**9, 1.0), "always split": (1, 0.0)}
+RULES = {"engine rule (16 rows and 25%)": None, "only when no row is left running": (10**9, 1.0),
+         "every exit taken": (1, 0.0)}
 
 
 def _rule(min_rows: int, min_fraction: float):

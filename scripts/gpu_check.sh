@@ -5,7 +5,7 @@
 # It does this twice: for the kernels on main, then for main + each patch in csrc/pending/ (applied to
 # a copy in a temporary folder), so one device call says whether the pending rework is correct and faster.
 # Then it runs the calibration tests that need a GPU (`--device cuda` against the CPU) and, last, the
-# compiled-layer tests on CUDA (segments, masked segments and partial layers through dynamo and inductor).
+# compiled-layer tests on CUDA (segments, scored and final segments and partial layers through dynamo and inductor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}

@@ -84,8 +84,8 @@ def test_split_rule_benchmark_smoke(tmp_path):
     r = run_with_router(tmp_path, "split_rule.py", {11: "some", 19: "some"}, "--threshold", "0.5", "--min-layer", "0",
                         "--prompt-tokens", "24", "--batch", "2", "--repeats", "2", "--execution", "eager",
                         "--rule", "4", "0.1", seed=3)
-    assert r["steps"] == 2 and set(r["median_ms"]) == {"stock", "engine rule (16 rows and 25%)", "always masked",
-                                                       "always split", "split at 4 rows and 10%"}
+    assert r["steps"] == 2 and set(r["median_ms"]) == {"stock", "engine rule (16 rows and 25%)", "every exit taken",
+                                                       "only when no row is left running", "split at 4 rows and 10%"}
     assert all(v > 0 for v in r["median_ms"].values()) and sum(r["exit_fraction_per_layer"].values()) > 0
 
 

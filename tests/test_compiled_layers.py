@@ -180,51 +180,10 @@ def test_final_segment_includes_the_final_norm(compiles):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backend", [None, "eager", "inductor"])
-def test_masked_segment_equals_partial_layers(backend, compiles):
-    """A masked segment (every row computed, exited rows put back to (0, frozen) after each layer) gives
-    what a chain of partial layers gives: running rows updated alike, exited rows (0, frozen), the same
-    final norm and router scores; with in-place fused norms, at every size, traced once per variant."""
-    from vllm_tide.ops import reference
-    torch.manual_seed(0)
-    layers, norm = [_Layer(0.6), _Layer(1.1), _Layer(1.7)], _Norm()
-    for layer in layers:
-        layer.input_layernorm, layer.post_attention_layernorm = _InPlaceNorm(), _InPlaceNorm()
-    adapter = _Adapter()
-    router = (norm.weight, 1e-6, torch.randn(4, D), torch.randn(4), torch.randn(4), torch.randn(1))
-    runner, gen = SegmentRunner(backend), torch.Generator().manual_seed(5)
-    for n, running in ((6, [0, 2, 3]), (9, [8]), (2, [1]), (4, [3]), (33, list(range(0, 33, 3)))):
-        positions, h, residual = _rows(n, gen)
-        running = torch.tensor(running, dtype=torch.int64)
-        exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
-        h[exited] = 0
-        frozen = residual.clone()
-        masked = (exited, frozen[exited])
-        want_h, want_r = h.clone(), residual.clone()
-        for layer in layers:
-            want_h, want_r = _run_partial_layer(layer, adapter, positions, want_h, want_r, running)
-        got_h, got_r = runner(layers, 0, 2, positions, h.clone(), residual.clone(), masked=masked)
-        tol = dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_h, want_h, **tol)
-        torch.testing.assert_close(got_r, want_r, **tol)
-        assert torch.equal(got_r[exited], frozen[exited]) and not got_h[exited].any()
-        got = runner(layers, 0, 2, positions, h.clone(), residual.clone(), final_norm=norm, masked=masked)
-        torch.testing.assert_close(got, norm(want_h, want_r.clone())[0], **tol)
-        torch.testing.assert_close(got[exited], norm(torch.zeros_like(frozen[exited]), frozen[exited].clone())[0],
-                                   **tol)
-        *_, score = runner(layers, 0, 2, positions, h.clone(), residual.clone(), router, masked=masked)
-        want_score = reference.router_score(want_h + want_r, *router, 2.0, torch.ones(n, dtype=torch.bool))[0]
-        torch.testing.assert_close(score, want_score, **tol)
-    if backend is not None:
-        assert runner.traced and sorted(compiles) == ["tide_layers_0_2_masked", "tide_layers_0_2_masked_final",
-                                                      "tide_layers_0_2_masked_scored"]
-
-
-@torch.no_grad()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_segments_on_cuda_match_cpu(backend):
-    """The compiled functions on a GPU (no vLLM needed): plain, scored and masked segments and partial
+    """The compiled functions on a GPU (no vLLM needed): plain, scored and final segments and partial
     layers, traced once on CUDA tensors, against their eager definitions on the CPU (with the CUDA ops
     library loaded, the scored graph calls the fused router kernel)."""
     import copy
@@ -257,39 +216,28 @@ def test_segments_on_cuda_match_cpu(backend):
         want = _run_partial_layer(cpu_layers[0], adapter, positions, h.clone(), residual.clone(), running)
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, **tol)
-        if len(exited):
-            want_h, want_r = h.clone(), residual.clone()
-            for layer in cpu_layers:
-                want_h, want_r = _run_partial_layer(layer, adapter, positions, want_h, want_r, running)
-            got = runner(layers, 0, 1, *cuda(positions, h, residual), final_norm=norm,
-                         masked=tuple(cuda(exited, residual[exited])))
-            torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r.clone())[0], **tol)
+        got = runner(layers, 0, 1, *cuda(positions, h, residual), final_norm=norm)
+        want_h, want_r = _run_segment(cpu_layers, positions, h.clone(), residual.clone())
+        torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r)[0], **tol)
     assert runner.traced
 
 
-def test_exited_rows_are_masked_while_few_and_split_once_many():
-    """engine._masking: (exited rows, a copy of their frozen states) to run masked segments while fewer
-    than 16 rows or a quarter of the step have exited; None (split rows / K/V fill only) otherwise."""
+def test_exits_are_taken_only_when_they_save_work():
+    """engine._take: exits that leave no row running are always taken (K/V fill only); exits that leave
+    rows running only once 16 rows and a quarter of the step have exited (partial layers then run on
+    fewer rows); otherwise they would save nothing and are deferred."""
     from types import SimpleNamespace
 
     from vllm_tide.engine import EarlyExitEngine
     rule = SimpleNamespace(split_min_rows=16, split_min_fraction=0.25)
 
-    def masking(n, exited_sets):
-        residual = torch.randn(n, D)
-        exits = [(layer, torch.tensor(rows)) for layer, rows in exited_sets]
-        gone = {r for _, rows in exited_sets for r in rows}
-        running = torch.tensor([i for i in range(n) if i not in gone], dtype=torch.int64)
-        return residual, EarlyExitEngine._masking(rule, n, running, residual, exits)
-
-    residual, (rows, frozen) = masking(8, [(27, [3])])
-    assert rows.tolist() == [3] and torch.equal(frozen, residual[[3]])
-    residual[3] = 0                                   # layers update the residual in place: frozen is a copy
-    assert frozen.abs().sum() > 0
-    residual, (rows, frozen) = masking(8, [(23, [5, 1]), (27, [0])])
-    assert rows.tolist() == [5, 1, 0] and torch.equal(frozen, residual[[5, 1, 0]])   # every exit so far, in order
-    assert masking(1024, [(27, list(range(15)))])[1] is not None       # 15 rows: masked
-    assert masking(100, [(27, list(range(16)))])[1] is not None        # 16 rows but 16%: masked
-    assert masking(40, [(27, list(range(16)))])[1] is None             # 16 rows and 40%: split
-    assert masking(1024, [(27, list(range(300)))])[1] is None
-    assert masking(4, [(27, [0, 1, 2, 3])])[1] is None                 # every row exited: K/V fill only
+    def take(n, running, exits):
+        return EarlyExitEngine._take(rule, n, running, exits)
+    assert take(1, 1, 1)                      # a decode step's single token
+    assert take(8, 8, 8) and take(8, 3, 3)    # the last rows of a step (3 left after 5 exited before)
+    assert not take(8, 8, 7)                  # 7 of 8: the 8th would still run every layer
+    assert not take(1024, 1024, 15)           # 15 rows: deferred
+    assert not take(100, 100, 16)             # 16 rows but 16%: deferred
+    assert take(40, 40, 16)                   # 16 rows and 40%: taken
+    assert take(1024, 1024, 300)
+    assert take(100, 70, 1)                   # already split (30 exited): every further exit saves

@@ -89,9 +89,14 @@ def test_threshold_one_matches_stock_on_other_families(tiny_models, tmp_path, fa
 
 # ----------------------------------------------------------------------------- exits against the reference
 
+# Every exit that fires is taken, as in the per-token reference (and at batch-1 decode). By default a
+# step defers exits that would save nothing (engine._take), which depends on the step's other rows.
+EVERY_EXIT = {"split_min_rows": 1, "split_min_fraction": 0.0}
+
+
 def check_against_reference(llm, ref, prompts, n, lora_request=None, prompt_logprobs=True):
     """Prompt logprobs (prefill exits) and decode logprobs (propagated K/V in use) match the reference
-    (one for all prompts, or a list: one per prompt)."""
+    (one for all prompts, or a list: one per prompt). A batch of several prompts needs EVERY_EXIT."""
     from vllm import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=n, logprobs=0, prompt_logprobs=0 if prompt_logprobs else None)
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
@@ -140,12 +145,6 @@ def test_all_tokens_exit_at_one_checkpoint(tmp_path):
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
 
 
-def set_split_rule(engine, min_rows: int, min_fraction: float) -> bool:
-    """When the engine splits a step's rows after exits (partial layers) instead of masking them."""
-    engine.split_min_rows, engine.split_min_fraction = min_rows, min_fraction
-    return True
-
-
 def check_propagated_cache(llm, ref, ids, exit_layer):
     """Deeper layers' paged caches hold, for exited tokens, the K computed from the frozen state."""
     from vllm_tide.kv_cache import cache_layout, cache_views
@@ -180,20 +179,13 @@ def test_mixed_exits_with_each_exit_projection(tmp_path, projection):
     ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection=projection, seed=6)
     ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
 
-    # lowrank runs with the split rule set so that no step splits: prefill steps with many exits masked too
-    always_masked = projection == "lowrank"
-    rule = {"split_min_rows": 10**9, "split_min_fraction": 1.0} if always_masked else {}
-
     def check(llm):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex    # tokens really exited at different depths
         stats = exit_stats(llm)
-        if always_masked:
-            assert stats["partial_layer_fraction"] == 0 and stats["masked_layer_fraction"] > 0.05, stats
-        else:   # both ways of running the rest of a step: split rows (prefill, many exits) and masked (decode)
-            assert stats["partial_layer_fraction"] > 0 and stats["masked_layer_fraction"] > 0, stats
-    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0, **rule}, check)
+        assert stats["partial_layer_fraction"] > 0 and stats["deferred_exits"] == 0, stats
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}, check)
 
 
 def test_compiled_layers_match_stock_and_reference(tmp_path):
@@ -222,16 +214,16 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
         check_against_reference(llm, ref, PROMPTS, 6)
         ex = exit_stats(llm)["exits_per_layer"]
         assert sum(1 for c in (11, 19, 23) if ex[c] > 0) >= 2, ex
-        stats = exit_stats(llm)      # the compiled partial-layer and masked-segment graphs ran
-        assert stats["partial_layer_fraction"] > 0 and stats["masked_layer_fraction"] > 0, stats
-        assert any(n.endswith("_masked_final") for n in compiled[:at_start_up]), compiled
+        stats = exit_stats(llm)      # the compiled partial-layer graph ran
+        assert stats["partial_layer_fraction"] > 0, stats
         # TIDE's functions were traced during start-up and are called through their bytecode: no request,
         # at any token count (1 included), compiles or recompiles one
         assert [name for name in compiled[at_start_up:] if name.startswith("tide_")] == []
     compiled = []       # names of the functions dynamo compiles in this process, in order
     hook = torch._dynamo.convert_frame.register_bytecode_hook(lambda old, new: compiled.append(old.co_name))
     try:
-        with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enforce_eager=False)
+        with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}, check,
+                    enforce_eager=False)
     finally:
         hook.remove()
 
@@ -241,7 +233,7 @@ def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
     prefill/decode steps), the long one is chunked, and the second pass reuses cached prefix blocks."""
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=5)
-    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
+    tide = {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}   # the same exits in any step
     prompts = [PROMPTS[0], " ".join(PROMPTS) * 3]
     one_shot = with_engine(DEFAULT_MODEL, tide, lambda llm: [o.outputs[0] for o in greedy(llm, prompts, 8, logprobs=0)])
 
@@ -265,7 +257,7 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
     requests in the batch: vLLM 0.32 itself gets those wrong with LoRA on CPU (prompt logprobs fail, a
     plain request batched with adapted ones gets different logits), with or without TIDE."""
     from vllm.lora.request import LoRARequest
-    from vllm_tide import exit_stats, reset_exit_stats
+    from vllm_tide import exit_stats
     base = make_tiny_model("llama", str(tmp_path / "base"), DEFAULT_MODEL)
     router = str(tmp_path / "r.safetensors")
     ckpt = synthetic_router(base, router, {3: "some"}, seed=2)
@@ -277,18 +269,13 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
         refs.append(Reference(merged, ckpt, 0.5, 0))
 
     def check(llm):
-        check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)    # masked segments
-        assert exit_stats(llm)["masked_layer_fraction"] > 0
-        reset_exit_stats(llm)
-        llm.apply_model(lambda m: set_split_rule(m.tide, min_rows=1, min_fraction=0.0))     # partial layers
-        check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)
+        check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)    # partial layers
         for prompt in PROMPTS[2:4]:      # alone: a decode step whose token exits fills K/V only
             check_against_reference(llm, refs[0], [prompt], 8, loras[0], prompt_logprobs=False)
         stats = exit_stats(llm)
         assert stats["partial_layer_fraction"] > 0 and stats["skipped_layer_fraction"] > 0, stats
-        assert stats["masked_layer_fraction"] == 0, stats
-    with_engine(base, {"router": router, "threshold": 0.5, "min_layer": 0}, check, enable_lora=True, max_lora_rank=8,
-                max_loras=2)
+    with_engine(base, {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}, check, enable_lora=True,
+                max_lora_rank=8, max_loras=2)
 
 
 @pytest.mark.parametrize("method", ["draft_model", "eagle"])
@@ -305,7 +292,8 @@ def test_speculative_decoding_under_tide(tmp_path, method):
         proposer, proposer_class = make_eagle_head(target, str(tmp_path / "eagle"), seed=5), "EagleLlamaForCausalLM"
     router = str(tmp_path / "r.safetensors")
     synthetic_router(target, router, {3: "some"}, seed=2)
-    tide = {"router": router, "threshold": 0.5, "min_layer": 0}
+    # every exit taken: verification steps hold several rows of one request, where deferral would differ
+    tide = {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}
     tokens = lambda llm: [list(o.outputs[0].token_ids) for o in greedy(llm, PROMPTS[:3], 12)]   # noqa: E731
     want = with_engine(target, tide, tokens)
 

@@ -4,7 +4,7 @@ import torch
 
 from conftest import DEFAULT_MODEL, requires_engine
 from helpers import Reference, synthetic_router
-from test_plugin_e2e import PROMPTS, stock_tokens, with_engine
+from test_plugin_e2e import EVERY_EXIT, PROMPTS, stock_tokens, with_engine
 
 pytestmark = [pytest.mark.e2e, requires_engine]
 
@@ -61,6 +61,32 @@ def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
         sampled.extra_args = {"tide_threshold": 0.2}
         llm.generate(prompts[:1], sampled, use_tqdm=False)
         assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
+    with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0, **EVERY_EXIT}, check)
+
+
+def test_exits_that_would_save_nothing_are_deferred(tmp_path):
+    """By default an exit is taken only when it saves work in its step: when it leaves no row running,
+    or enough rows have exited to run the rest on fewer rows. Batched with a request whose exits are
+    off, a request's short prompt and its decode steps never qualify, so its tokens run every layer and
+    its output is stock's, although its router fires; alone, the same request exits."""
+    from vllm_tide import exit_stats, reset_exit_stats
+    router = str(tmp_path / "r.safetensors")
+    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
+    want_stock = stock_tokens(DEFAULT_MODEL, PROMPTS[:2], 8)
+
+    def check(llm):
+        outs = llm.generate(PROMPTS[:2], [params(8, 0.2), params(8, enabled=False)], use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == want_stock
+        stats = exit_stats(llm)
+        assert sum(stats["exits_per_layer"].values()) == 0 and stats["deferred_exits"] > 0, stats
+        assert stats["partial_layer_fraction"] == stats["skipped_layer_fraction"] == 0
+        reset_exit_stats(llm)
+        alone = llm.generate(PROMPTS[:1], params(8, 0.2), use_tqdm=False)[0]    # batch 1: every decode exit taken
+        ids = llm.get_tokenizer()(PROMPTS[0])["input_ids"]
+        gen = list(alone.outputs[0].token_ids)
+        _, exit_at, _ = Reference(DEFAULT_MODEL, ckpt, 0.2, 0).run(ids + gen)
+        decode_exits = int((exit_at[len(ids):-1] >= 0).sum())    # decode steps (the prompt has other rows)
+        assert decode_exits > 0 and sum(exit_stats(llm)["exits_per_layer"].values()) >= decode_exits
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0}, check)
 
 

@@ -8,9 +8,7 @@ so it cannot be one graph. Instead it runs two kinds of compiled functions, each
 specialised otherwise; then called through the captured bytecode for every size, 1 included):
 
 - a segment: the full layers between two routing checkpoints, plus the end checkpoint's router score;
-  each segment has its own code object, so its graph and bytecode are its own. After some tokens
-  exited, a segment can run masked: every row computed, exited rows put back to their frozen state
-  after each layer (cheaper than splitting a batch of which few rows exited);
+  each segment has its own code object, so its graph and bytecode are its own;
 - the partial layer: one layer after some tokens exited (attention over all rows, the rest over the
   running rows). A model's decoder layers are alike, and their parameters and (with vLLM's opaque
   LayerName, the default on torch >= 2.11) attention-layer names are graph inputs, so one graph
@@ -54,30 +52,6 @@ def _score(x, router):
     return torch.ops.tide.router_score(*args)[0] if x.is_cuda and CUDA_LIBRARY else reference.router_score(*args)[0]
 
 
-def _run_segment_masked(layers, positions, h, residual, exited, frozen):
-    """The segment over every row, with the ``exited`` rows put back to (hidden=0, residual=frozen) after
-    each layer: for the running rows, and for every row's K/V, the same result as partial layers, in
-    one call; the exited rows' MLP and output projection are computed and discarded. Cheaper than
-    splitting the batch while few of its rows have exited. Only the exited rows are rewritten."""
-    for layer in layers:
-        h, residual = layer(positions, h, residual)
-        h.index_fill_(0, exited, 0.0)
-        residual.index_copy_(0, exited, frozen)
-    return h, residual
-
-
-def _run_segment_masked_final(layers, positions, h, residual, exited, frozen, norm):
-    """The masked last segment, then the final norm (an exited row's output is norm(frozen))."""
-    h, residual = _run_segment_masked(layers, positions, h, residual, exited, frozen)
-    return norm(h, residual)[0]
-
-
-def _run_segment_masked_scored(layers, positions, h, residual, exited, frozen, router):
-    """The masked segment, then its end checkpoint's router score for every row (exited rows' are unused)."""
-    h, residual = _run_segment_masked(layers, positions, h, residual, exited, frozen)
-    return h, residual, _score(h + residual, router)
-
-
 def _run_partial_layer(layer, adapter, positions, h, residual, running):
     """One layer with only the ``running`` rows continuing: the attention block runs over all rows (so
     exited rows write this layer's K/V from their frozen state), the output projection, MLP and
@@ -107,20 +81,16 @@ def _run_partial_layer_all_rows(layer, adapter, positions, h, residual, running)
     return h_new, residual
 
 
-# (masked, scored, with final norm) -> (function, graph name suffix)
-_SEGMENTS = {(False, False, False): (_run_segment, ""),
-             (False, True, False): (_run_segment_scored, "_scored"),
-             (False, False, True): (_run_segment_final, "_final"),
-             (True, False, False): (_run_segment_masked, "_masked"),
-             (True, True, False): (_run_segment_masked_scored, "_masked_scored"),
-             (True, False, True): (_run_segment_masked_final, "_masked_final")}
+# (scored, with final norm) -> (function, graph name suffix)
+_SEGMENTS = {(False, False): (_run_segment, ""),
+             (True, False): (_run_segment_scored, "_scored"),
+             (False, True): (_run_segment_final, "_final")}
 
 
 class SegmentRunner:
-    """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm][, masked])``,
+    """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm])``,
     layers start..end inclusive, with ``router`` also the score at ``end``, with ``final_norm`` the normed
-    output instead of (h, residual), with ``masked=(exited, frozen)`` the exited rows held at (0, frozen))
-    and partial layers (``runner.partial(...)``), compiled or eagerly.
+    output instead of (h, residual)) and partial layers (``runner.partial(...)``), compiled or eagerly.
 
     A runner serves one model: each segment's layers are sliced once (slicing a ModuleList builds a new
     module, which is not free on every step).
@@ -145,13 +115,12 @@ class SegmentRunner:
         backend = cc.backend if cc.backend in ("eager", "aot_eager") else "inductor"
         return cls(backend, cc.inductor_compile_config if backend == "inductor" else None)
 
-    def __call__(self, layers, start: int, end: int, positions, h, residual, router=None, final_norm=None,
-                 masked=None):
+    def __call__(self, layers, start: int, end: int, positions, h, residual, router=None, final_norm=None):
         if (start, end) not in self._slices:
             self._slices[start, end] = tuple(layers[start:end + 1])
         layers = self._slices[start, end]
-        base, suffix = _SEGMENTS[masked is not None, router is not None, final_norm is not None]
-        extra = (*(masked or ()), *(x for x in (router, final_norm) if x is not None))
+        base, suffix = _SEGMENTS[router is not None, final_norm is not None]
+        extra = tuple(x for x in (router, final_norm) if x is not None)
         if not self.compiled:
             return base(layers, positions, h, residual, *extra)
         key = (start, end, suffix)

@@ -4,16 +4,17 @@ Per step (the control flow is eager Python; runs of full layers between checkpoi
 go through compiled_layers, compiled as stock vLLM compiles its model unless the engine runs with
 enforce_eager):
 - A step in which no token may exit (all its requests have exits off) is the stock forward itself.
-- Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer).
+- Layers run stock until some token exits at a checkpoint (router score > threshold, layer >= min_layer)
+  and the exit saves work in its step (see _take): always when it leaves no row running (a single
+  decode token, or the last rows of a step), and otherwise when enough rows of the step have exited
+  for the rest to run on fewer rows. An exit that would save nothing is deferred: the token keeps
+  running, exactly as without exits, and its router is asked again at the next checkpoint.
 - An exited token's residual stream x_e is frozen. In vLLM's fused-residual form it is kept as
   (hidden=0, residual=x_e), so each deeper layer's fused add+norm yields norm(x_e) for it.
 - While some tokens are still running, each deeper layer runs its attention block over all tokens
   (exited tokens thereby write K/V computed from x_e into that layer's paged cache, and the attention
-  metadata stays untouched). When many rows have exited (see _masking), the output projection,
-  post-attention norm, MLP and residual update run only on the running rows (gather -> compute ->
-  scatter): "partial" token-layers. When few have, the segments up to the next checkpoint run over
-  every row as in a step without exits, and the exited rows are put back to (0, x_e) after each
-  layer: "masked" token-layers, computed and discarded, which saves nothing but costs no extra calls.
+  metadata stays untouched); the output projection, post-attention norm, MLP and residual update run
+  only on the running rows (gather -> compute -> scatter): "partial" token-layers.
 - Once every token has exited, the remaining layers only fill K/V: one stacked GEMM over all deeper
   layers' folded K/V weights, k-norm and rotary, then each layer's cache write. Attention and MLP are
   skipped entirely. Those are "skipped" token-layers.
@@ -123,7 +124,7 @@ class EarlyExitEngine:
         self._kv: dict | None = None
         self._tp = None
         self.run_layers = run_layers or SegmentRunner()     # compiled as the engine compiles, or eager
-        # when the rows still running split off from the exited ones (see _masking; settings.py)
+        # when exits that leave rows running are taken (see _take; settings.py)
         self.split_min_rows, self.split_min_fraction = split_rule
         # per-request thresholds of the current step, set by the model runner (request_control)
         self.step_thresholds: torch.Tensor | None = None
@@ -183,22 +184,15 @@ class EarlyExitEngine:
         residual = None
         exits = []                 # (checkpoint layer, row indices that exited there)
         running = None             # row indices still running; None means all
-        masked = None              # (exited rows, frozen states) while they ride along with the batch
         num_layers = len(model.layers)
         i = 0
         while i < num_layers:
             score = None
-            if running is None or masked is not None:    # every row through the segment to the next checkpoint
-                end = self._segment_end[i]
-                if masked is not None:
-                    self.counters.masked += (n - running.numel()) * (end - i + 1)
-                if end == num_layers - 1:
+            if running is None:    # every row through the segment to the next checkpoint
+                if self._segment_end[i] == num_layers - 1:
                     # the rest of the stack and the final norm in one call, as stock runs them
-                    out = self._final_segment(model, i, positions, h, residual, masked)
-                    return self._project_exits(out, exits)
-                i, h, residual, score = self._segment(model, i, positions, h, residual, masked)
-                if masked is not None and score is not None:
-                    score = score.index_select(0, running)
+                    return self._final_segment(model, i, positions, h, residual)
+                i, h, residual, score = self._segment(model, i, positions, h, residual)
             elif running.numel() == 0:
                 self._fill_kv(model, residual, positions, i)
                 self.counters.skipped += n * (num_layers - i)
@@ -208,47 +202,33 @@ class EarlyExitEngine:
                                                       running, all_rows=self.lora)
                 self.counters.partial += n - running.numel()
             if i in self._routers:
-                before = running
-                h, residual, running = self._route(i, h, residual, exits, running, thresholds, score)
-                if running is not before:      # tokens exited here: how the rest of the step runs
-                    masked = self._masking(n, running, residual, exits)
+                h, residual, running = self._route(i, n, h, residual, exits, running, thresholds, score)
             i += 1
         out, _ = model.norm(h, residual)
         return self._project_exits(out, exits)
 
-    def _masking(self, n: int, running: torch.Tensor, residual: torch.Tensor, exits: list):
-        """(exited rows, their frozen states) to run the next layers masked, or None to split the rows
-        (partial layers, or the K/V fill alone once every row has exited).
+    def _take(self, n: int, num_running: int, num_exits: int) -> bool:
+        """Whether exits that fired at a checkpoint are taken, or deferred because they would save nothing.
 
-        Splitting saves the exited rows' output projection and MLP, but runs each deeper layer as its
-        own call with row gathers; a masked segment runs as many calls as a step without exits and
-        computes the exited rows with the batch. Splitting pays only when many rows have exited: at
-        least ``split_min_rows`` and ``split_min_fraction`` of the step (so a small decode batch with
-        one exit keeps stock's call pattern, and a long prefill with many exits skips their work).
+        Taken exits save work when they leave no row running (the remaining layers only fill K/V), or
+        when they leave the step split: deeper layers then run their output projection and MLP on the
+        running rows only, but as one call per layer with row gathers, which pays only once at least
+        ``split_min_rows`` rows and ``split_min_fraction`` of the step have exited. Below that a step
+        would compute every row anyway, so an exit would cost the token its deeper layers' accuracy
+        (and its K/V the exact values) for nothing: it is deferred, the token runs on as if its router
+        had not fired, and later checkpoints may take it.
         """
-        exited = n - running.numel()
-        if running.numel() == 0 or (exited >= self.split_min_rows and exited >= self.split_min_fraction * n):
-            return None
-        rows = exits[0][1] if len(exits) == 1 else torch.cat([r for _, r in exits])
-        return rows, residual.index_select(0, rows)     # a copy: layers may update their residual in place
+        exited = n - num_running + num_exits
+        return num_exits == num_running or (exited >= self.split_min_rows and exited >= self.split_min_fraction * n)
 
     def _warm_up(self, model, input_ids, positions, inputs_embeds) -> None:
         """Trace every compiled function during vLLM's start-up dummy runs, not on the first request."""
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
-        residual, i, starts = None, 0, []
+        residual, i = None, 0
         while self._segment_end[i] < len(model.layers) - 1:
             end, h, residual, _ = self._segment(model, i, positions, h, residual)
             i = end + 1
-            starts.append((i, h.clone(), residual.clone()))
-        self._final_segment(model, i, positions, h, residual)     # ``starts`` holds copies
-        # every segment after a checkpoint can run masked: two rows held frozen (a 1 would be specialised)
-        for start, h_in, r_in in starts:
-            exited = torch.arange(2, device=h_in.device)
-            masked = (exited, r_in[:2].clone())
-            if self._segment_end[start] == len(model.layers) - 1:
-                self._final_segment(model, start, positions, h_in, r_in, masked)
-            else:
-                self._segment(model, start, positions, h_in, r_in, masked)
+        self._final_segment(model, i, positions, h, residual)
         # 2 running rows out of more than 2: neither size is specialised (a 1 would be) nor unified
         running = torch.arange(2, device=h.device)
         # every layer after the first checkpoint can be partial (a shared graph serves them all)
@@ -259,9 +239,8 @@ class EarlyExitEngine:
             if self.run_layers.shared_partial:
                 break
 
-    def _segment(self, model, start, positions, h, residual, masked=None):
-        """Run layers start..end, end being the next routing checkpoint or the last layer (masked: exited
-        rows held at their frozen state).
+    def _segment(self, model, start, positions, h, residual):
+        """Run layers start..end, end being the next routing checkpoint or the last layer.
 
         Returns (end, h, residual, score at end or None); compiled, the end's router scores all rows
         in the segment's graph, eagerly _route scores them.
@@ -269,14 +248,14 @@ class EarlyExitEngine:
         end = self._segment_end[start]
         if self.run_layers.compiled and end in self._routers:
             h, residual, score = self.run_layers(model.layers, start, end, positions, h, residual,
-                                                 (*self._norm, *self._routers[end]), masked=masked)
+                                                 (*self._norm, *self._routers[end]))
             return end, h, residual, score
-        return (end, *self.run_layers(model.layers, start, end, positions, h, residual, masked=masked), None)
+        return (end, *self.run_layers(model.layers, start, end, positions, h, residual), None)
 
-    def _final_segment(self, model, start, positions, h, residual, masked=None) -> torch.Tensor:
-        """Layers start..last and the final norm: the step's hidden output (an exited row's is norm(frozen))."""
+    def _final_segment(self, model, start, positions, h, residual) -> torch.Tensor:
+        """Layers start..last and the final norm: the step's hidden output, no row having exited."""
         return self.run_layers(model.layers, start, len(model.layers) - 1, positions, h, residual,
-                               final_norm=model.norm, masked=masked)
+                               final_norm=model.norm)
 
     def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
@@ -287,10 +266,11 @@ class EarlyExitEngine:
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
         return thr[:n], self.step_min < OFF
 
-    def _route(self, layer, h, residual, exits, running, thresholds=None, score=None):
-        """Score the running rows at checkpoint ``layer`` (unless the compiled segment already did);
-        freeze the ones that exit and append (layer, their rows) to ``exits``. Returns (h, residual,
-        running), ``running`` being the same object when no row exited."""
+    def _route(self, layer, n, h, residual, exits, running, thresholds=None, score=None):
+        """Score the running rows of the step's ``n`` at checkpoint ``layer`` (unless the compiled segment
+        already did); if their exits are taken (_take), freeze the exiting rows and append (layer, their
+        rows) to ``exits``. Returns (h, residual, running), ``running`` being the same object when no
+        row exited."""
         # with per-request thresholds: score at the step's lowest, then hold each row to its own
         bar = self.threshold if thresholds is None else self.step_min
         if score is None:
@@ -306,6 +286,9 @@ class EarlyExitEngine:
             fire = self._tp.broadcast(fire.to(torch.uint8), src=0).bool()
         num_exits = int(fire.sum())     # the one host sync per checkpoint: the layer loop branches on it
         if num_exits == 0:
+            return h, residual, running
+        if not self._take(n, fire.shape[0], num_exits):
+            self.counters.deferred += num_exits
             return h, residual, running
         order, _ = ops.compact(fire)
         k = fire.shape[0] - num_exits

@@ -8,7 +8,7 @@ before each scrape, and a Prometheus collector renders the answer, named like vL
     vllm:tide_exits_total{layer="15"}         tokens that exited at each checkpoint layer
     vllm:tide_skipped_token_layers_total      token-layers not computed at all (K/V fill only)
     vllm:tide_partial_token_layers_total      token-layers that ran only attention (for their K/V)
-    vllm:tide_masked_token_layers_total       token-layers after an exit computed with the batch, discarded
+    vllm:tide_deferred_exits_total            exits not taken because they would have saved nothing in their step
     vllm:tide_threshold                       the engine's exit threshold (per request overrides aside; 2 = exits off)
     vllm:tide_min_layer                       the shallowest layer a token may exit at
 """
@@ -55,9 +55,9 @@ class TideCollector:
         yield counter("vllm:tide_partial_token_layers",
                       "Token-layers of exited tokens that ran attention only (for their K/V).",
                       s["partial_token_layers"])
-        yield counter("vllm:tide_masked_token_layers",
-                      "Token-layers of exited tokens computed with their batch and discarded (no saving).",
-                      s["masked_token_layers"])
+        yield counter("vllm:tide_deferred_exits",
+                      "Router decisions to exit not taken, since they would have saved nothing in their step.",
+                      s["deferred_exits"])
         for metric, doc, key in (("vllm:tide_threshold",
                                   "The engine's TIDE exit threshold (2 when the router's setting keeps exits off).",
                                   "threshold"),

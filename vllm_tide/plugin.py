@@ -48,8 +48,8 @@ def add_tide_cli_args(parser):
     g.add_argument("--tide-preset", default=None, metavar="NAME",
                    help="A named operating point stored in the router: default, balanced or fast.")
     g.add_argument("--tide-split-min-rows", type=int, default=None, metavar="N",
-                   help="After exits, run the rest of a step on the running rows only when at least N rows "
-                        "(and --tide-split-min-fraction of the step) exited; else run it masked. Default 16.")
+                   help="In a step that keeps rows running, take exits only once at least N rows (and "
+                        "--tide-split-min-fraction of the step) exit; fewer would save nothing. Default 16.")
     g.add_argument("--tide-split-min-fraction", type=float, default=None, metavar="F",
                    help="See --tide-split-min-rows; a fraction in [0, 1]. Default 0.25.")
     return parser

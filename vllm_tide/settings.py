@@ -19,9 +19,10 @@ class TideSettings:
     min_layer: int | None = None     # None: the checkpoint's suggested minimum exit depth
     enabled: bool = True
     preset: str | None = None        # a named operating point stored in the checkpoint (default/balanced/fast)
-    # After exits, a step splits its rows (partial layers over the running rows) only when at least this
-    # many rows and this fraction of the step have exited; otherwise it runs its segments masked. The
-    # defaults were measured on a CPU (benchmarks/split_rule.py); the break-even differs on a GPU.
+    # Exits that leave rows of a step running are taken only when at least this many rows and this
+    # fraction of the step have exited (engine._take): the rest then runs as partial layers on fewer
+    # rows. Below that nothing would be saved, so the exits are deferred. The defaults were measured on
+    # a CPU (benchmarks/split_rule.py); the break-even differs on a GPU.
     split_min_rows: int = DEFAULT_SPLIT_RULE[0]
     split_min_fraction: float = DEFAULT_SPLIT_RULE[1]
 

@@ -5,7 +5,7 @@ import torch
 
 
 # what happened to the token-layers after a token's exit
-KINDS = ("skipped", "partial", "masked")
+KINDS = ("skipped", "partial")
 
 
 class ExitCounters:
@@ -21,16 +21,17 @@ class ExitCounters:
         self.exits = {c: 0 for c in self.layers}
         self.skipped = 0   # token-layers that ran nothing but the K/V fill
         self.partial = 0   # token-layers that ran attention (for their K/V) but skipped the rest
-        self.masked = 0    # token-layers after an exit computed with the batch and discarded (see engine._masking)
+        self.deferred = 0  # exits that fired but were not taken, since they would have saved nothing (engine._take)
 
     def snapshot(self) -> dict:
         return with_fractions({"tokens": self.tokens, "exits_per_layer": dict(self.exits),
+                               "deferred_exits": self.deferred,
                                **{f"{kind}_token_layers": getattr(self, kind) for kind in KINDS},
                                "num_layers": self.num_layers})
 
 
 def with_fractions(snap: dict) -> dict:
-    """The snapshot with its skipped, partial and masked token-layers as fractions of all token-layers."""
+    """The snapshot with its skipped and partial token-layers as fractions of all token-layers."""
     full = max(snap["tokens"] * snap["num_layers"], 1)
     return {**snap, **{f"{kind}_layer_fraction": snap[f"{kind}_token_layers"] / full for kind in KINDS}}
 
@@ -48,7 +49,7 @@ def sum_engines(snaps: list[dict]) -> dict:
     if not snaps:
         return {}
     out = dict(snaps[0])
-    for key in ("tokens", *(f"{kind}_token_layers" for kind in KINDS)):
+    for key in ("tokens", "deferred_exits", *(f"{kind}_token_layers" for kind in KINDS)):
         out[key] = sum(s[key] for s in snaps)
     out["exits_per_layer"] = {layer: sum(s["exits_per_layer"][layer] for s in snaps) for layer in out["exits_per_layer"]}
     return with_fractions(out)
@@ -85,8 +86,8 @@ def _tide_on(llm) -> bool:
 
 
 def exit_stats(llm) -> dict:
-    """TIDE exit statistics of an offline ``vllm.LLM``: tokens, exits_per_layer, skipped, partial and
-    masked layer fractions. Empty when TIDE is not active in that engine."""
+    """TIDE exit statistics of an offline ``vllm.LLM``: tokens, exits_per_layer, deferred_exits, skipped
+    and partial layer fractions. Empty when TIDE is not active in that engine."""
     return first_rank(llm.collective_rpc(SNAPSHOT_RPC)) if _tide_on(llm) else {}
 
 
