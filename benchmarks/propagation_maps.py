@@ -15,7 +15,6 @@ also finds, for each minimum exit layer, the lowest threshold meeting the defaul
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -27,7 +26,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from vllm_tide.router import router_input  # noqa: E402
 from vllm_tide.simulate import ExitSimulator  # noqa: E402
 
 
@@ -66,40 +64,15 @@ class MappedExits(ExitSimulator):
     token's own logits are the plugin's."""
     maps: dict | None = None
 
-    @contextlib.contextmanager
-    def _exits(self, t: int):
-        norm = self.hf.model.norm
-        last = len(self.hf.model.layers) - 1
-        exit_at = torch.full((t,), -1)
-        frozen = torch.zeros(t, self.hf.config.hidden_size)
-
-        def hook(li):
-            def fn(_m, _inp, out):
-                h = out[0] if isinstance(out, tuple) else out
-                done = exit_at >= 0
-                if done.any() or li in self.routers:
-                    h = h.clone()
-                    h[0, done] = frozen[done]
-                    if self.maps is not None and li < last:
-                        for c in exit_at[done].unique().tolist():
-                            if (c, li + 1) in self.maps:
-                                rows = exit_at == c
-                                w, b = self.maps[(c, li + 1)]
-                                h[0, rows] = frozen[rows] + frozen[rows] @ w + b
-                if li in self.routers:
-                    z = router_input(h[0], norm.weight, norm.variance_epsilon).float()
-                    new = (self.routers[li](z) > self.threshold) & ~done
-                    frozen[new] = h[0, new]
-                    exit_at[new] = li
-                return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
-            return fn
-
-        handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.hf.model.layers)]
-        try:
-            yield exit_at
-        finally:
-            for h in handles:
-                h.remove()
+    def _hold_exited(self, h, layer, done, frozen, exit_at) -> None:
+        super()._hold_exited(h, layer, done, frozen, exit_at)
+        if self.maps is None or layer == len(self.hf.model.layers) - 1:
+            return
+        for c in exit_at[done].unique().tolist():
+            if (c, layer + 1) in self.maps:
+                rows = exit_at == c
+                w, b = self.maps[(c, layer + 1)]
+                h[rows] = frozen[rows] + frozen[rows] @ w.to(frozen) + b.to(frozen)
 
 
 def evaluate(model, ckpt, passes, seqs, threshold: float, min_layer: int, maps) -> dict:

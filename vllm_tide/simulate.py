@@ -84,6 +84,11 @@ class ExitSimulator:
                 hidden[rows] = proj.apply(hidden[rows])
         return lm_logits(self.hf, hidden)
 
+    def _hold_exited(self, h: torch.Tensor, layer: int, done: torch.Tensor, frozen: torch.Tensor,
+                     exit_at: torch.Tensor) -> None:
+        """Set the exited rows of ``layer``'s output (the next layer's input) to their frozen state."""
+        h[done] = frozen[done]
+
     @contextlib.contextmanager
     def _exits(self, t: int):
         """Hooks on every decoder layer that apply the exits while the layers run; yields the exit layer
@@ -98,7 +103,7 @@ class ExitSimulator:
                 done = exit_at >= 0
                 if done.any() or li in self.routers:
                     h = h.clone()
-                    h[0, done] = frozen[done]
+                    self._hold_exited(h[0], li, done, frozen, exit_at)
                 if li in self.routers:
                     z = router_input(h[0], norm.weight, norm.variance_epsilon).float()
                     new = (self.routers[li](z) > self.threshold) & ~done
