@@ -58,12 +58,13 @@ def evaluate(args) -> dict:
     """Run inside a worker: teacher-forced logprobs over the split, then greedy generations."""
     from vllm import LLM, SamplingParams
     from vllm_tide.corpus import split_texts
+    from vllm_tide.settings import EVERY_EXIT
     kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.chunk + 8,
               block_size=32, seed=0, enable_prefix_caching=False)
     if args.worker_threshold is not None:
         tide = {"router": args.router, "threshold": args.worker_threshold}
         if not args.batched_exits:      # every exit taken, as for a single decode token
-            tide.update(split_min_rows=1, split_min_fraction=0.0)
+            tide.update(EVERY_EXIT)
         if args.min_layer is not None:
             tide["min_layer"] = args.min_layer
         kw["additional_config"] = {"tide": tide}

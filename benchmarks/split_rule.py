@@ -23,11 +23,13 @@ import json
 import os
 import statistics
 
+from vllm_tide.settings import EVERY_EXIT
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 RULES = {"engine rule (16 rows and 25%)": None, "only when no row is left running": (10**9, 1.0),
-         "every exit taken": (1, 0.0)}
+         "every exit taken": (EVERY_EXIT["split_min_rows"], EVERY_EXIT["split_min_fraction"])}
 
 
 def _rule(min_rows: int, min_fraction: float):

@@ -10,6 +10,10 @@ import torch
 from conftest import DEFAULT_MODEL, ROOT, requires_engine, run_stock
 from helpers import Reference, make_eagle_head, make_lora_adapter, make_tiny_model, synthetic_router
 
+# Batches compared with the per-token reference take every exit (EVERY_EXIT): by default a step defers
+# exits that would save nothing (engine._take), which depends on the step's other rows.
+from vllm_tide.settings import EVERY_EXIT
+
 pytestmark = [pytest.mark.e2e, requires_engine]
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
@@ -88,11 +92,6 @@ def test_threshold_one_matches_stock_on_other_families(tiny_models, tmp_path, fa
 
 
 # ----------------------------------------------------------------------------- exits against the reference
-
-# Every exit that fires is taken, as in the per-token reference (and at batch-1 decode). By default a
-# step defers exits that would save nothing (engine._take), which depends on the step's other rows.
-EVERY_EXIT = {"split_min_rows": 1, "split_min_fraction": 0.0}
-
 
 def check_against_reference(llm, ref, prompts, n, lora_request=None, prompt_logprobs=True):
     """Prompt logprobs (prefill exits) and decode logprobs (propagated K/V in use) match the reference

@@ -4,7 +4,9 @@ import torch
 
 from conftest import DEFAULT_MODEL, requires_engine
 from helpers import Reference, synthetic_router
-from test_plugin_e2e import EVERY_EXIT, PROMPTS, stock_tokens, with_engine
+from test_plugin_e2e import PROMPTS, stock_tokens, with_engine
+
+from vllm_tide.settings import EVERY_EXIT
 
 pytestmark = [pytest.mark.e2e, requires_engine]
 

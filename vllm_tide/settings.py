@@ -8,6 +8,9 @@ from .errors import TideConfigError
 
 # (split_min_rows, split_min_fraction) unless set; see TideSettings
 DEFAULT_SPLIT_RULE = (16, 0.25)
+# settings that take every exit that fires, as for a single decode token: the per-token behaviour that
+# calibration and the reference simulator assume (quality benchmarks, tests comparing batches with it)
+EVERY_EXIT = {"split_min_rows": 1, "split_min_fraction": 0.0}
 
 KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset", "split_min_rows", "split_min_fraction"}
 
