@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 
 def summary(ckpt) -> dict:
-    from vllm_tide.calibrate import net_layers_saved
+    from vllm_tide.operating_points import net_layers_saved
     x = ckpt.extra
     n = ckpt.model.num_layers
 

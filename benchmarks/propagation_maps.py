@@ -76,7 +76,7 @@ class MappedExits(ExitSimulator):
 
 
 def evaluate(model, ckpt, passes, seqs, threshold: float, min_layer: int, maps) -> dict:
-    from vllm_tide.calibrate import net_layers_saved
+    from vllm_tide.operating_points import net_layers_saved
     sim = MappedExits.from_checkpoint(model, ckpt, threshold, min_layer)
     sim.maps = maps
     n_layers = ckpt.model.num_layers

@@ -7,8 +7,9 @@ import torch
 
 from conftest import DEFAULT_MODEL
 from helpers import WORDS, make_tiny_model
-from vllm_tide.calibrate import (CalibrationConfig, States, auc, calibrate, choose_presets, choose_propagated,
-                                 cosine_labels, exit_metrics, kl_labels, net_layers_saved)
+from vllm_tide.calibrate import CalibrationConfig, calibrate
+from vllm_tide.exit_labels import States, auc, cosine_labels, exit_metrics, kl_labels
+from vllm_tide.operating_points import PropagatedEval, choose_presets, choose_propagated, net_layers_saved
 from vllm_tide.checkpoint import RouterCheckpoint
 from vllm_tide.errors import TideConfigError
 from vllm_tide.projection import ExitProjection, fit_affine, fit_temperature
@@ -268,7 +269,6 @@ def test_propagated_eval_counts_answer_tokens_and_judges_on_every_set(tmp_path):
     calibration are reused for the text set."""
     from transformers import AutoModelForCausalLM
     from helpers import synthetic_router
-    from vllm_tide.calibrate import PropagatedEval
     from vllm_tide.simulate import ExitSimulator
     model_dir = make_tiny_model("llama", str(tmp_path / "m"), DEFAULT_MODEL, num_layers=8)
     ckpt = synthetic_router(model_dir, str(tmp_path / "r.safetensors"), {3: "some", 7: "never"}, interval=4)
@@ -374,7 +374,6 @@ def test_exit_simulation_on_cuda_matches_cpu(tmp_path):
     CPU): on a GPU, the same exits, logits and per-set figures as on the CPU."""
     from transformers import AutoModelForCausalLM
     from helpers import synthetic_router
-    from vllm_tide.calibrate import PropagatedEval
     from vllm_tide.simulate import ExitSimulator, full_pass
     model_dir = make_tiny_model("qwen2", str(tmp_path / "m"), None, num_layers=8)
     ckpt = synthetic_router(model_dir, str(tmp_path / "r.safetensors"), {3: "some", 5: "some"}, interval=2,

@@ -4,7 +4,7 @@ without compiling again, and partial layers compiled per layer where layers diff
 import pytest
 import torch
 
-from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_partial_layer_all_rows, _run_segment
+from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_segment
 
 D = 16
 
