@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py --router outputs/router.safetensors --split test
     python benchmarks/quality.py --router outputs/router.safetensors --presets default balanced fast --chat
+    python benchmarks/quality.py --router outputs/router.safetensors --thresholds 0.8 \
+        --text my_docs/ --prompts my_prompts.txt --chat          # your own text and prompts
 
 Teacher-forced, through vLLM's prompt_logprobs (so prefill exits and propagated K/V are measured):
 top-1 agreement with stock at every position and the perplexity ratio TIDE/stock. In generation:
@@ -11,7 +13,9 @@ compounds the per-token rate over the whole length; the per-token rate on the sa
 measured too: stock's own transcripts (prompt + its greedy continuation) teacher-forced through TIDE,
 top-1 agreement at the continuation's positions. Stock runs in its own process with the plugin
 unloaded; each threshold runs in a fresh process too. Pick settings on --split dev, report them on
---split test.
+--split test. --text and --prompts measure your own workload instead: text files (or folders of .txt
+files) for the teacher-forced part, and a file of prompts, one per line (a literal \\n is a newline),
+for generation.
 
 Every exit that fires is taken (split_min_rows 1, split_min_fraction 0), as for a single decode token:
 the per-token behaviour calibration measures, and the worst case. By default TIDE defers exits that
@@ -42,24 +46,43 @@ def gsm8k_questions(n: int) -> list[str]:
         return [json.loads(line)["question"] for line in f][:n]
 
 
-def generation_prompts(tokenizer, n: int, chat: bool) -> list:
-    """GSM8K questions as plain completion prompts, or through the model's chat template (what a
-    chat-completions client of an instruct model sends)."""
-    questions = gsm8k_questions(n)
-    if not chat:
-        return [f"Question: {q}\nAnswer:" for q in questions]
+def generation_prompts(tokenizer, n: int, chat: bool, prompts_file: str | None = None) -> list:
+    """The --prompts file's first n prompts, else GSM8K questions (as "Question: ... Answer:"), as plain
+    completion prompts, or through the model's chat template (what a chat-completions client of an
+    instruct model sends)."""
+    if prompts_file:
+        from vllm_tide.answers import read_prompts
+        questions = read_prompts(prompts_file, "--prompts")[:n]
+        if not chat:
+            return questions
+    else:
+        questions = gsm8k_questions(n)
+        if not chat:
+            return [f"Question: {q}\nAnswer:" for q in questions]
     return [{"prompt_token_ids": tokenizer.apply_chat_template([{"role": "user", "content": q}],
                                                                add_generation_prompt=True, tokenize=True,
                                                                return_dict=True)["input_ids"]}
             for q in questions]
 
 
+def model_len(args) -> int:
+    """max_model_len: a text chunk, or the longest prompt with its continuation (your own may be long)."""
+    need = args.chunk + 8
+    if args.prompts:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(args.model)
+        lens = [len(p["prompt_token_ids"]) if isinstance(p, dict) else len(tok(p)["input_ids"])
+                for p in generation_prompts(tok, args.gen_prompts, args.chat, args.prompts)]
+        need = max(need, max(lens) + args.gen_tokens + 8)
+    return need
+
+
 def evaluate(args) -> dict:
     """Run inside a worker: teacher-forced logprobs over the split, then greedy generations."""
     from vllm import LLM, SamplingParams
-    from vllm_tide.corpus import split_texts
+    from vllm_tide.corpus import read_texts, split_texts
     from vllm_tide.settings import EVERY_EXIT
-    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=args.chunk + 8,
+    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=model_len(args),
               block_size=32, seed=0, enable_prefix_caching=False)
     if args.worker_threshold is not None:
         tide = {"router": args.router, "threshold": args.worker_threshold}
@@ -70,7 +93,8 @@ def evaluate(args) -> dict:
         kw["additional_config"] = {"tide": tide}
     llm = LLM(**kw)
     tok = llm.get_tokenizer()
-    ids = tok("\n\n".join(split_texts(args.split)), add_special_tokens=False)["input_ids"][: args.tokens]
+    texts = read_texts(args.text) if args.text else split_texts(args.split)
+    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"][: args.tokens]
     chunks = [{"prompt_token_ids": ids[s:s + args.chunk]} for s in range(0, len(ids), args.chunk)]
     if args.worker_threshold is not None:
         from vllm_tide import reset_exit_stats
@@ -86,7 +110,7 @@ def evaluate(args) -> dict:
         from vllm_tide import exit_stats
         result["text_stats"] = exit_stats(llm)
         reset_exit_stats(llm)
-    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat),
+    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat, args.prompts),
                        SamplingParams(temperature=0, max_tokens=args.gen_tokens), use_tqdm=False)
     result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
     result["generation_prompt_tokens"] = [len(o.prompt_token_ids) for o in gen]
@@ -121,6 +145,10 @@ def run_worker(args, threshold: float | None, min_layer: int | None = None, tran
            "--gen-prompts", str(args.gen_prompts), "--gen-tokens", str(args.gen_tokens)]
     if args.chat:
         cmd.append("--chat")
+    if args.text:
+        cmd += ["--text", *args.text]
+    if args.prompts:
+        cmd += ["--prompts", args.prompts]
     if args.batched_exits:
         cmd.append("--batched-exits")
     if threshold is None:
@@ -198,6 +226,29 @@ def token_agreement(xs: list[list[int]], ys: list[list[int]]) -> float:
     return sum(a == b for a, b in pairs) / len(pairs)
 
 
+def text_source(args) -> str:
+    return f"text from {', '.join(args.text)}" if args.text else f"{args.split} split"
+
+
+def check_inputs(args) -> None:
+    """Your own text and prompts fail here in one sentence, not inside an engine worker."""
+    from vllm_tide.answers import read_prompts
+    from vllm_tide.corpus import read_texts
+    from vllm_tide.errors import TideConfigError
+    try:
+        if args.prompts:
+            read_prompts(args.prompts, "--prompts")
+        if args.text:
+            missing = [p for p in args.text if not os.path.exists(p)]
+            if missing:
+                raise TideConfigError(f"--text {missing[0]!r} does not exist; pass text files or folders of .txt files.")
+            if not any(t.strip() for t in read_texts(args.text)):
+                raise TideConfigError(f"--text {' '.join(args.text)} holds no text; pass UTF-8 text files or "
+                                      f"folders of .txt files.")
+    except TideConfigError as e:
+        sys.exit(f"error: {e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -207,6 +258,10 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=None, metavar="NAME",
                    help="measure these presets stored in the router (e.g. default balanced fast) instead of --thresholds")
     p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--text", nargs="+", default=None, metavar="PATH",
+                   help="your own text files or folders of .txt files to teacher-force, instead of --split")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="your own generation prompts, one per line, instead of GSM8K questions")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--dtype", default="float32")
@@ -224,13 +279,15 @@ def main() -> None:
     if args.worker:
         print("JSON" + json.dumps(evaluate(args)))
         return
+    check_inputs(args)
     t0 = time.time()
     stock = run_worker(args, None)
     transcripts = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
     with transcripts:
         json.dump(stock["transcripts"], transcripts)
     rows = []
-    print(f"{args.split} split, {len(stock['top1'])} teacher-forced tokens, {args.gen_prompts} GSM8K prompts"
+    print(f"{text_source(args)}, {len(stock['top1'])} teacher-forced tokens, "
+          f"{len(stock['generations'])} {'prompts from ' + args.prompts if args.prompts else 'GSM8K prompts'}"
           f"{' (chat template)' if args.chat else ''} "
           f"x {args.gen_tokens} tokens; router {args.router}")
     print(f"{'threshold':>9} {'top1 agr':>8} {'ppl ratio':>9} {'gen exact':>9} {'1st diff':>8} {'transcr':>7} "
@@ -251,7 +308,8 @@ def main() -> None:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"split": args.split, "chat": args.chat, "model": args.model, "router": args.router,
+            json.dump({"split": None if args.text else args.split, "text": args.text, "prompts": args.prompts,
+                       "chat": args.chat, "model": args.model, "router": args.router,
                        "generation_prompt_tokens": stock["generation_prompt_tokens"],
                        # stock's teacher-forced top-1 on its own transcripts against its greedy tokens: ~1
                        "stock_transcript_self_agreement": token_agreement(stock["generations"],

@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts, so they cannot rot. Assertions are on the shape and validity of
 the results, plus what must hold exactly: with exits off TIDE is stock."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,6 +59,40 @@ def test_quality_benchmark_smoke(tmp_path):
     assert on["transcript_positions"] == 3 * 6 and on["transcript_exits_per_layer"]["27"] > 0
     assert 0 < on["text_exits_per_layer"]["27"] and 0 < on["text_partial_layer_fraction"] < 1
     assert 0 <= on["top1_agreement"] <= 1 and on["ppl_ratio"] > 0 and on["tokens"] == off["tokens"] > 250
+
+
+@pytest.mark.e2e
+@requires_engine
+def test_quality_benchmark_on_your_own_text_and_prompts(tmp_path):
+    """--text and --prompts replace the built-in split and GSM8K questions: the counted positions and
+    the prompts' token counts are those of the given files."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The lighthouse keeper climbed the stairs every evening at dusk. " * 12)
+    (docs / "b.txt").write_text("Rivers carry sediment to the sea, where deltas slowly grow. " * 12)
+    prompts = ["Write a haiku about autumn.", "def add(a, b):\\n    return", "Translate 'good morning' to French."]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    result = run_with_router(tmp_path, "quality.py", {27: "some"}, "--text", str(docs), "--prompts",
+                             str(tmp_path / "prompts.txt"), "--chunk", "64", "--gen-tokens", "5",
+                             "--thresholds", "1.0")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    texts = [(docs / f).read_text() for f in ("a.txt", "b.txt")]
+    ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    # every 64-token chunk scores all its tokens but the first
+    assert result["rows"][0]["tokens"] == len(ids) - math.ceil(len(ids) / 64)
+    plain = [p.replace("\\n", "\n") for p in prompts]
+    assert result["generation_prompt_tokens"] == [len(tok(p)["input_ids"]) for p in plain]
+    off = result["rows"][0]
+    assert off["top1_agreement"] == 1.0 and off["gen_exact_match"] == 1.0 and 0 < off["transcript_positions"] <= 3 * 5
+
+
+def test_quality_benchmark_rejects_missing_text(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--text",
+                          str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip() == f"error: --text {str(tmp_path / 'nope')!r} does not exist; pass text files or " \
+                                 f"folders of .txt files."
 
 
 @pytest.mark.e2e

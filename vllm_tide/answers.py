@@ -94,15 +94,16 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int, max_new_tok
     return out
 
 
-def read_prompts(path: str) -> list[str]:
-    """One prompt per line (blank lines skipped); literal \\n inside a line is a newline."""
+def read_prompts(path: str, flag: str = "--answer-prompts") -> list[str]:
+    """One prompt per line (blank lines skipped); literal \\n inside a line is a newline. ``flag`` names
+    the option the file came from, for the error."""
     from .errors import TideConfigError
     try:
         with open(path, encoding="utf-8") as f:
             out = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise TideConfigError(f"Cannot read --answer-prompts {path!r} ({e.__class__.__name__}); pass a UTF-8 "
+        raise TideConfigError(f"Cannot read {flag} {path!r} ({e.__class__.__name__}); pass a UTF-8 "
                               f"text file with one prompt per line.") from None
     if not out:
-        raise TideConfigError(f"--answer-prompts {path!r} holds no prompts; put one prompt per line.")
+        raise TideConfigError(f"{flag} {path!r} holds no prompts; put one prompt per line.")
     return out
