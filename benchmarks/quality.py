@@ -231,8 +231,9 @@ def text_source(args) -> str:
 
 
 def check_inputs(args) -> None:
-    """Your own text and prompts fail here in one sentence, not inside an engine worker."""
+    """A bad router, text or prompts file fails here in one sentence, not inside an engine worker."""
     from vllm_tide.answers import read_prompts
+    from vllm_tide.checkpoint import RouterCheckpoint
     from vllm_tide.corpus import read_texts
     from vllm_tide.errors import TideConfigError
     try:
@@ -245,6 +246,7 @@ def check_inputs(args) -> None:
             if not any(t.strip() for t in read_texts(args.text)):
                 raise TideConfigError(f"--text {' '.join(args.text)} holds no text; pass UTF-8 text files or "
                                       f"folders of .txt files.")
+        RouterCheckpoint.load(args.router)
     except TideConfigError as e:
         sys.exit(f"error: {e}")
 
