@@ -84,6 +84,10 @@ def main():
     if args.stock_json:
         print("JSON" + json.dumps(generate(args, None)))
         return
+    from vllm_tide.checkpoint import RouterCheckpoint
+    from vllm_tide.errors import exit_on_config_error
+    with exit_on_config_error():     # a bad router is one sentence here, before either engine starts
+        RouterCheckpoint.load(args.router)
     env = {**os.environ, "VLLM_PLUGINS": "none-stock"}
     proc = subprocess.run([sys.executable, __file__, "--stock-json", "--model", args.model, "--dtype", args.dtype,
                            "--max-tokens", str(args.max_tokens)], env=env, capture_output=True, text=True)

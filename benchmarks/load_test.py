@@ -166,6 +166,11 @@ def main() -> int:
         stock_worker(args)
         return 0
 
+    from vllm_tide.checkpoint import RouterCheckpoint
+    from vllm_tide.errors import exit_on_config_error
+    from vllm_tide.settings import TideSettings
+    with exit_on_config_error():     # a bad router is one sentence here, before the server starts
+        want, _ = TideSettings(router=args.router, threshold=args.threshold).resolve(RouterCheckpoint.load(args.router))
     failures: list[str] = []
     check = lambda ok, what: ok or failures.append(what)  # noqa: E731
     tmp = tempfile.mkdtemp(prefix="tide-load-")
@@ -189,9 +194,6 @@ def main() -> int:
         wait_healthy(proc, base, log_path)
         os.remove(router)                      # loaded once at start-up: its absence must not matter
         before = tide_metrics(http(f"{base}/metrics")[1])
-        from vllm_tide.checkpoint import RouterCheckpoint
-        from vllm_tide.settings import TideSettings
-        want, _ = TideSettings(router=args.router, threshold=args.threshold).resolve(RouterCheckpoint.load(args.router))
         check(abs(before.get("vllm:tide_threshold", -1) - want) < 1e-6,
               f"/metrics vllm:tide_threshold is {before.get('vllm:tide_threshold')}, the engine runs {want}")
 

@@ -235,8 +235,8 @@ def check_inputs(args) -> None:
     from vllm_tide.answers import read_prompts
     from vllm_tide.checkpoint import RouterCheckpoint
     from vllm_tide.corpus import read_texts
-    from vllm_tide.errors import TideConfigError
-    try:
+    from vllm_tide.errors import TideConfigError, exit_on_config_error
+    with exit_on_config_error():
         if args.prompts:
             read_prompts(args.prompts, "--prompts")
         if args.text:
@@ -247,8 +247,6 @@ def check_inputs(args) -> None:
                 raise TideConfigError(f"--text {' '.join(args.text)} holds no text; pass UTF-8 text files or "
                                       f"folders of .txt files.")
         RouterCheckpoint.load(args.router)
-    except TideConfigError as e:
-        sys.exit(f"error: {e}")
 
 
 def main() -> None:

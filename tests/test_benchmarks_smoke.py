@@ -87,6 +87,17 @@ def test_quality_benchmark_on_your_own_text_and_prompts(tmp_path):
     assert off["top1_agreement"] == 1.0 and off["gen_exact_match"] == 1.0 and 0 < off["transcript_positions"] <= 3 * 5
 
 
+@pytest.mark.parametrize("script", ["demo.py", "load_test.py", "quality.py"])
+def test_scripts_name_a_missing_router_in_one_sentence(script, tmp_path):
+    """Before any engine or server starts: exit status 2 and the one sentence, no traceback."""
+    missing = str(tmp_path / "nope.safetensors")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--router", missing],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: The TIDE router file {missing} does not exist; create one with " \
+                                 f"`python calibration/calibrate.py --model MODEL --output {missing}`."
+
+
 def test_quality_benchmark_rejects_missing_text(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "quality.py"), "--text",
                           str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=120)

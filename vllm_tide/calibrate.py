@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .calibration_report import print_report
 from .checkpoint import CRITERIA, PROJECTIONS, RouterCheckpoint, checkpoint_layers
-from .errors import TideConfigError
+from .errors import TideConfigError, exit_on_config_error
 from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metrics, fit_projection, kl_labels,
                           train_router)
 from .fingerprint import model_identity
@@ -380,11 +380,8 @@ def parse_args(argv=None) -> CalibrationConfig:
 
 
 def main(argv=None) -> int:
-    try:
+    with exit_on_config_error():
         calibrate(parse_args(argv))
-    except TideConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 
