@@ -28,7 +28,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 DEFAULT_VARIANTS = ["top1:identity", "top1:temperature", "top1:affine", "kl:temperature", "kl:affine", "cosine:affine"]
-PRESETS = {"default": (0.98, 0.02), "balanced": (0.95, None), "fast": (0.90, None)}   # agreement, max ppl increase
+
+from vllm_tide.calibrate import CalibrationConfig  # noqa: E402
+from vllm_tide.operating_points import PRESETS as NAMED_PRESETS  # noqa: E402
+
+# the bars calibration stores presets for: (top-1 agreement, max perplexity increase or None)
+PRESETS = {"default": (CalibrationConfig.target_agreement, CalibrationConfig.max_ppl_increase), **NAMED_PRESETS}
 
 
 def variant_path(out: str, variant: str) -> str:
@@ -36,7 +41,7 @@ def variant_path(out: str, variant: str) -> str:
 
 
 def stage_calibrate(args) -> None:
-    from vllm_tide.calibrate import CalibrationConfig, add_presets, calibrate, collect
+    from vllm_tide.calibrate import add_presets, calibrate, collect
     from vllm_tide.checkpoint import RouterCheckpoint
     todo = [v for v in args.variants if not os.path.exists(variant_path(args.routers, v))]
     collected = collect(CalibrationConfig(model=args.model, output="", max_tokens=args.calib_tokens)) if todo else None
