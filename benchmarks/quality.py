@@ -14,8 +14,8 @@ measured too: stock's own transcripts (prompt + its greedy continuation) teacher
 top-1 agreement at the continuation's positions. Stock runs in its own process with the plugin
 unloaded; each threshold runs in a fresh process too. Pick settings on --split dev, report them on
 --split test. --text and --prompts measure your own workload instead: text files (or folders of .txt
-files) for the teacher-forced part, and a file of prompts, one per line (a literal \\n is a newline),
-for generation.
+files) for the teacher-forced part, and a file of prompts, one per line (a literal \\n is a newline; or
+a .jsonl file of strings or objects with a "prompt", "question", ... field), for generation.
 
 Every exit that fires is taken (split_min_rows 1, split_min_fraction 0), as for a single decode token:
 the per-token behaviour calibration measures, and the worst case. By default TIDE defers exits that
@@ -261,7 +261,7 @@ def main() -> None:
     p.add_argument("--text", nargs="+", default=None, metavar="PATH",
                    help="your own text files or folders of .txt files to teacher-force, instead of --split")
     p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="your own generation prompts, one per line, instead of GSM8K questions")
+                   help="your own generation prompts, one per line (or .jsonl), instead of GSM8K questions")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--dtype", default="float32")

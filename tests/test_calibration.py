@@ -252,6 +252,13 @@ def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
     got = answers.generate(hf, tok, chunks, tokens=20, max_new_tokens=16, own=own)
     assert [len(seq) - n for seq, n in got] == [16, 4]
     assert "<|im_start|>user\nFix this bug:\nx = 1 +<|im_end|>" in tok.decode(got[1][0][:got[1][1]])
+    # a JSON Lines dataset or request log as it is: strings, or objects with the prompt under a known key
+    (tmp_path / "p.jsonl").write_text('"Say hi."\n{"question": "What is 2 + 2?", "answer": "4"}\n\n'
+                                      '{"id": 3, "prompt": "Line one\\nline two"}\n')
+    assert answers.read_prompts(str(tmp_path / "p.jsonl")) == ["Say hi.", "What is 2 + 2?", "Line one\nline two"]
+    (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n{"answer": "no prompt here"}\n')
+    with pytest.raises(TideConfigError, match="Line 2 of --prompts .* is not a JSON string or an object"):
+        answers.read_prompts(str(tmp_path / "bad.jsonl"), "--prompts")
     for bad, why in [("missing.txt", "Cannot read"), ("empty.txt", "holds no prompts")]:
         if bad == "empty.txt":
             (tmp_path / bad).write_text("\n \n")

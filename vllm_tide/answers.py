@@ -94,16 +94,38 @@ def generate(model, tokenizer, chunks: list[list[int]], tokens: int, max_new_tok
     return out
 
 
+PROMPT_KEYS = ("prompt", "question", "instruction", "input", "text")
+
+
 def read_prompts(path: str, flag: str = "--answer-prompts") -> list[str]:
-    """One prompt per line (blank lines skipped); literal \\n inside a line is a newline. ``flag`` names
-    the option the file came from, for the error."""
+    """One prompt per line (blank lines skipped); literal \\n inside a line is a newline. A .jsonl file
+    holds one JSON string or object per line, the prompt under one of PROMPT_KEYS (a dataset or request
+    log as it is). ``flag`` names the option the file came from, for the error."""
     from .errors import TideConfigError
     try:
         with open(path, encoding="utf-8") as f:
-            out = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+            lines = [line.rstrip("\n") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise TideConfigError(f"Cannot read {flag} {path!r} ({e.__class__.__name__}); pass a UTF-8 "
                               f"text file with one prompt per line.") from None
-    if not out:
+    if not lines:
         raise TideConfigError(f"{flag} {path!r} holds no prompts; put one prompt per line.")
-    return out
+    if not path.endswith(".jsonl"):
+        return [line.replace("\\n", "\n") for line in lines]
+    return [_json_prompt(line, i + 1, path, flag) for i, line in enumerate(lines)]
+
+
+def _json_prompt(line: str, number: int, path: str, flag: str) -> str:
+    import json
+    from .errors import TideConfigError
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if isinstance(row, dict):
+        row = next((row[k] for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
+    if not isinstance(row, str) or not row.strip():
+        raise TideConfigError(f"Line {number} of {flag} {path!r} is not a JSON string or an object with a "
+                              f"string under one of {', '.join(PROMPT_KEYS)}; fix that line or pass plain text, "
+                              f"one prompt per line.")
+    return row

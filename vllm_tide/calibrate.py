@@ -368,7 +368,7 @@ def parse_args(argv=None) -> CalibrationConfig:
                    help="tokens of the model's own greedy answers (to instructions about validation passages) "
                         "that points are also judged on: quality and saving must hold there too (0: text only)")
     p.add_argument("--answer-prompts", default=None, metavar="FILE",
-                   help="your own prompts (e.g. from a request log), one per line, for the model's answers "
+                   help="your own prompts (e.g. from a request log), one per line or .jsonl, for the model's answers "
                         "instead of the built-in instructions about validation passages")
     p.add_argument("--checkpoint-cost", type=float, default=CalibrationConfig.checkpoint_cost,
                    help="cost of running one checkpoint, in decoder layers: a point must skip more than its "
