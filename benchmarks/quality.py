@@ -13,8 +13,8 @@ compounds the per-token rate over the whole length; the per-token rate on the sa
 measured too: stock's own transcripts (prompt + its greedy continuation) teacher-forced through TIDE,
 top-1 agreement at the continuation's positions. Stock runs in its own process with the plugin
 unloaded; each threshold runs in a fresh process too. Pick settings on --split dev, report them on
---split test. --text and --prompts measure your own workload instead: text files (or folders of .txt
-files) for the teacher-forced part, and a file of prompts, one per line (a literal \\n is a newline; or
+--split test. --text and --prompts measure your own workload instead: text files (or folders of .txt, .md
+and .jsonl files) for the teacher-forced part, and a file of prompts, one per line (a literal \\n is a newline; or
 a .jsonl file of strings or objects with a "prompt", "question", ... field), for generation.
 
 Every exit that fires is taken (split_min_rows 1, split_min_fraction 0), as for a single decode token:
@@ -242,10 +242,10 @@ def check_inputs(args) -> None:
         if args.text:
             missing = [p for p in args.text if not os.path.exists(p)]
             if missing:
-                raise TideConfigError(f"--text {missing[0]!r} does not exist; pass text files or folders of .txt files.")
+                raise TideConfigError(f"--text {missing[0]!r} does not exist; pass text files or folders of .txt, .md or .jsonl files.")
             if not any(t.strip() for t in read_texts(args.text)):
                 raise TideConfigError(f"--text {' '.join(args.text)} holds no text; pass UTF-8 text files or "
-                                      f"folders of .txt files.")
+                                      f"folders of .txt, .md or .jsonl files.")
         RouterCheckpoint.load(args.router)
 
 
@@ -259,7 +259,7 @@ def main() -> None:
                    help="measure these presets stored in the router (e.g. default balanced fast) instead of --thresholds")
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--text", nargs="+", default=None, metavar="PATH",
-                   help="your own text files or folders of .txt files to teacher-force, instead of --split")
+                   help="your own text files or folders of .txt, .md or .jsonl files to teacher-force, instead of --split")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own generation prompts, one per line (or .jsonl), instead of GSM8K questions")
     p.add_argument("--tokens", type=int, default=8192)

@@ -103,7 +103,7 @@ def test_quality_benchmark_rejects_missing_text(tmp_path):
                           str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert out.stderr.strip() == f"error: --text {str(tmp_path / 'nope')!r} does not exist; pass text files or " \
-                                 f"folders of .txt files."
+                                 f"folders of .txt, .md or .jsonl files."
 
 
 @pytest.mark.e2e

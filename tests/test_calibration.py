@@ -182,6 +182,26 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
                                     corpus=[str(tmp_path / "empty")], max_tokens=2000, interval=4))
 
 
+def test_corpus_reads_text_markdown_and_json_lines(tmp_path):
+    """--corpus / --text: files as given, folders by their .txt, .md and .jsonl files in sorted order
+    (nested too, nothing else), a .jsonl file one document per line; a bad line is one sentence."""
+    from vllm_tide.corpus import read_texts
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("plain text")
+    (d / "b.md").write_text("# Markdown\n\n`code`")
+    (d / "c.jsonl").write_text('"a string"\n\n{"text": "a text field", "id": 1}\n{"content": "a content field"}\n')
+    (d / "d.py").write_text("print('not text')")
+    (d / "sub" / "e.txt").write_text("nested")
+    (tmp_path / "f.log").write_text("a file given by name")
+    assert read_texts([str(d), str(tmp_path / "f.log")]) == [
+        "plain text", "# Markdown\n\n`code`", "a string", "a text field", "a content field", "nested",
+        "a file given by name"]
+    (d / "c.jsonl").write_text('{"text": "ok"}\n\n{"label": 3}\n')
+    with pytest.raises(TideConfigError, match=r"Line 3 of '.*c\.jsonl' is not a JSON string or an object"):
+        read_texts([str(d)])
+
+
 def test_operating_point_choice_pays_for_its_checkpoints():
     """Among points meeting a bar, a shallower minimum exit layer wins only if the extra layers it
     skips outweigh the extra checkpoints it runs (each costing checkpoint_cost decoder layers)."""
@@ -256,8 +276,8 @@ def test_own_answers_are_the_models_greedy_answers_to_chat_prompts(tmp_path):
     (tmp_path / "p.jsonl").write_text('"Say hi."\n{"question": "What is 2 + 2?", "answer": "4"}\n\n'
                                       '{"id": 3, "prompt": "Line one\\nline two"}\n')
     assert answers.read_prompts(str(tmp_path / "p.jsonl")) == ["Say hi.", "What is 2 + 2?", "Line one\nline two"]
-    (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n{"answer": "no prompt here"}\n')
-    with pytest.raises(TideConfigError, match="Line 2 of --prompts .* is not a JSON string or an object"):
+    (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n\n{"answer": "no prompt here"}\n')
+    with pytest.raises(TideConfigError, match="Line 3 of --prompts .* is not a JSON string or an object"):
         answers.read_prompts(str(tmp_path / "bad.jsonl"), "--prompts")
     for bad, why in [("missing.txt", "Cannot read"), ("empty.txt", "holds no prompts")]:
         if bad == "empty.txt":

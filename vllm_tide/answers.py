@@ -104,28 +104,21 @@ def read_prompts(path: str, flag: str = "--answer-prompts") -> list[str]:
     from .errors import TideConfigError
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f if line.strip()]
+            lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, start=1) if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise TideConfigError(f"Cannot read {flag} {path!r} ({e.__class__.__name__}); pass a UTF-8 "
                               f"text file with one prompt per line.") from None
     if not lines:
         raise TideConfigError(f"{flag} {path!r} holds no prompts; put one prompt per line.")
     if not path.endswith(".jsonl"):
-        return [line.replace("\\n", "\n") for line in lines]
-    return [_json_prompt(line, i + 1, path, flag) for i, line in enumerate(lines)]
-
-
-def _json_prompt(line: str, number: int, path: str, flag: str) -> str:
-    import json
-    from .errors import TideConfigError
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        row = None
-    if isinstance(row, dict):
-        row = next((row[k] for k in PROMPT_KEYS if isinstance(row.get(k), str)), None)
-    if not isinstance(row, str) or not row.strip():
-        raise TideConfigError(f"Line {number} of {flag} {path!r} is not a JSON string or an object with a "
-                              f"string under one of {', '.join(PROMPT_KEYS)}; fix that line or pass plain text, "
-                              f"one prompt per line.")
-    return row
+        return [line.replace("\\n", "\n") for _, line in lines]
+    from .corpus import json_line_text
+    out = []
+    for number, line in lines:
+        text = json_line_text(line, PROMPT_KEYS)
+        if text is None:
+            raise TideConfigError(f"Line {number} of {flag} {path!r} is not a JSON string or an object with a "
+                                  f"string under one of {', '.join(PROMPT_KEYS)}; fix that line or pass plain "
+                                  f"text, one prompt per line.")
+        out.append(text)
+    return out

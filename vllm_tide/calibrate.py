@@ -93,7 +93,7 @@ class CalibrationConfig:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
         missing = [p for p in self.corpus if not os.path.exists(p)]
         if missing:
-            raise TideConfigError(f"--corpus {missing[0]!r} does not exist; pass text files or folders of .txt files.")
+            raise TideConfigError(f"--corpus {missing[0]!r} does not exist; pass text files or folders of .txt, .md or .jsonl files.")
         if self.output:
             _check_output(self.output)
         if self.device == "cuda" and not torch.cuda.is_available():

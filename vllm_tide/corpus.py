@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 
@@ -40,14 +41,44 @@ def split_files(split: str, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
     return files
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+# where a JSON Lines record keeps its document, in order of preference
+TEXT_KEYS = ("text", "content", "document", "prompt", "question", "instruction", "input")
+
+
+def json_line_text(line: str, keys: tuple[str, ...]) -> str | None:
+    """The text of one JSON Lines record: a JSON string, or an object's first string field among
+    ``keys``; None when it has none."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(row, dict):
+        row = next((row[k] for k in keys if isinstance(row.get(k), str)), None)
+    return row if isinstance(row, str) and row.strip() else None
+
+
 def read_texts(paths: list[str]) -> list[str]:
-    """Documents from files or folders of .txt files, in a stable order."""
+    """Documents from files or folders (their .txt, .md and .jsonl files), in a stable order. A .jsonl
+    file holds one document per line: a JSON string, or an object with a text field (TEXT_KEYS)."""
     out = []
     for p in paths:
-        files = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True)) if os.path.isdir(p) else [p]
+        files = sorted(f for f in glob.glob(os.path.join(p, "**", "*"), recursive=True)
+                       if f.endswith(TEXT_SUFFIXES)) if os.path.isdir(p) else [p]
         for f in files:
             with open(f, encoding="utf-8", errors="replace") as fh:
-                out.append(fh.read())
+                if not f.endswith(".jsonl"):
+                    out.append(fh.read())
+                    continue
+                for number, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    text = json_line_text(line, TEXT_KEYS)
+                    if text is None:
+                        raise TideConfigError(f"Line {number} of {f!r} is not a JSON string or an object with a "
+                                              f"string under one of {', '.join(TEXT_KEYS)}; fix that line or "
+                                              f"pass plain text files.")
+                    out.append(text)
     return out
 
 
