@@ -112,13 +112,5 @@ def read_prompts(path: str, flag: str = "--answer-prompts") -> list[str]:
         raise TideConfigError(f"{flag} {path!r} holds no prompts; put one prompt per line.")
     if not path.endswith(".jsonl"):
         return [line.replace("\\n", "\n") for _, line in lines]
-    from .corpus import json_line_text
-    out = []
-    for number, line in lines:
-        text = json_line_text(line, PROMPT_KEYS)
-        if text is None:
-            raise TideConfigError(f"Line {number} of {flag} {path!r} is not a JSON string or an object with a "
-                                  f"string under one of {', '.join(PROMPT_KEYS)}; fix that line or pass plain "
-                                  f"text, one prompt per line.")
-        out.append(text)
-    return out
+    from .corpus import json_lines_texts
+    return json_lines_texts(lines, PROMPT_KEYS, f"{flag} {path!r}", "pass plain text, one prompt per line")

@@ -58,6 +58,19 @@ def json_line_text(line: str, keys: tuple[str, ...]) -> str | None:
     return row if isinstance(row, str) and row.strip() else None
 
 
+def json_lines_texts(lines: list[tuple[int, str]], keys: tuple[str, ...], where: str, instead: str) -> list[str]:
+    """The texts of numbered JSON Lines records (json_line_text); a record without one is a one-sentence
+    error naming its line in ``where``, with ``instead`` as the alternative."""
+    out = []
+    for number, line in lines:
+        text = json_line_text(line, keys)
+        if text is None:
+            raise TideConfigError(f"Line {number} of {where} is not a JSON string or an object with a string "
+                                  f"under one of {', '.join(keys)}; fix that line or {instead}.")
+        out.append(text)
+    return out
+
+
 def read_texts(paths: list[str]) -> list[str]:
     """Documents from files or folders (their .txt, .md and .jsonl files), in a stable order. A .jsonl
     file holds one document per line: a JSON string, or an object with a text field (TEXT_KEYS)."""
@@ -70,15 +83,8 @@ def read_texts(paths: list[str]) -> list[str]:
                 if not f.endswith(".jsonl"):
                     out.append(fh.read())
                     continue
-                for number, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    text = json_line_text(line, TEXT_KEYS)
-                    if text is None:
-                        raise TideConfigError(f"Line {number} of {f!r} is not a JSON string or an object with a "
-                                              f"string under one of {', '.join(TEXT_KEYS)}; fix that line or "
-                                              f"pass plain text files.")
-                    out.append(text)
+                lines = [(n, line) for n, line in enumerate(fh, start=1) if line.strip()]
+                out += json_lines_texts(lines, TEXT_KEYS, repr(f), "pass plain text files")
     return out
 
 
