@@ -49,13 +49,12 @@ def generate(args, tide: dict | None) -> dict:
     return out
 
 
-def explain_exits_off(tide: dict) -> None:
+def explain_exits_off(tide: dict, ckpt) -> None:
     """When the router's setting keeps exits off (calibration found no point that meets its bar and
     pays for its checkpoints), say so, and show that best point anyway: a demo of early exit that
     exits nothing would show nothing."""
-    from vllm_tide.checkpoint import OFF, RouterCheckpoint
+    from vllm_tide.checkpoint import OFF
     from vllm_tide.settings import TideSettings
-    ckpt = RouterCheckpoint.load(tide["router"])
     threshold, _ = TideSettings.parse(tide).resolve(ckpt)
     if threshold < OFF:
         return
@@ -87,7 +86,7 @@ def main():
     from vllm_tide.checkpoint import RouterCheckpoint
     from vllm_tide.errors import exit_on_config_error
     with exit_on_config_error():     # a bad router is one sentence here, before either engine starts
-        RouterCheckpoint.load(args.router)
+        ckpt = RouterCheckpoint.load(args.router)
     env = {**os.environ, "VLLM_PLUGINS": "none-stock"}
     proc = subprocess.run([sys.executable, __file__, "--stock-json", "--model", args.model, "--dtype", args.dtype,
                            "--max-tokens", str(args.max_tokens)], env=env, capture_output=True, text=True)
@@ -99,7 +98,7 @@ def main():
         tide["threshold"] = args.threshold
     if args.preset is not None:
         tide["preset"] = args.preset
-    explain_exits_off(tide)
+    explain_exits_off(tide, ckpt)
     mine = generate(args, tide)
     same = 0
     for prompt, a, b in zip(PROMPTS, stock["texts"], mine["texts"]):

@@ -65,24 +65,25 @@ def generation_prompts(tokenizer, n: int, chat: bool, prompts_file: str | None =
             for q in questions]
 
 
-def model_len(args) -> int:
+def model_len(args, tokenizer, prompts: list) -> int:
     """max_model_len: a text chunk, or the longest prompt with its continuation (your own may be long)."""
     need = args.chunk + 8
     if args.prompts:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(args.model)
-        lens = [len(p["prompt_token_ids"]) if isinstance(p, dict) else len(tok(p)["input_ids"])
-                for p in generation_prompts(tok, args.gen_prompts, args.chat, args.prompts)]
+        lens = [len(p["prompt_token_ids"]) if isinstance(p, dict) else len(tokenizer(p)["input_ids"])
+                for p in prompts]
         need = max(need, max(lens) + args.gen_tokens + 8)
     return need
 
 
 def evaluate(args) -> dict:
     """Run inside a worker: teacher-forced logprobs over the split, then greedy generations."""
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm_tide.corpus import read_texts, split_texts
     from vllm_tide.settings import EVERY_EXIT
-    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=model_len(args),
+    tok = AutoTokenizer.from_pretrained(args.model)      # the tokenizer vLLM loads for the model
+    prompts = generation_prompts(tok, args.gen_prompts, args.chat, args.prompts)
+    kw = dict(model=args.model, dtype=args.dtype, enforce_eager=True, max_model_len=model_len(args, tok, prompts),
               block_size=32, seed=0, enable_prefix_caching=False)
     if args.worker_threshold is not None:
         tide = {"router": args.router, "threshold": args.worker_threshold}
@@ -92,7 +93,6 @@ def evaluate(args) -> dict:
             tide["min_layer"] = args.min_layer
         kw["additional_config"] = {"tide": tide}
     llm = LLM(**kw)
-    tok = llm.get_tokenizer()
     texts = read_texts(args.text) if args.text else split_texts(args.split)
     ids = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"][: args.tokens]
     chunks = [{"prompt_token_ids": ids[s:s + args.chunk]} for s in range(0, len(ids), args.chunk)]
@@ -110,7 +110,7 @@ def evaluate(args) -> dict:
         from vllm_tide import exit_stats
         result["text_stats"] = exit_stats(llm)
         reset_exit_stats(llm)
-    gen = llm.generate(generation_prompts(tok, args.gen_prompts, args.chat, args.prompts),
+    gen = llm.generate(prompts,
                        SamplingParams(temperature=0, max_tokens=args.gen_tokens), use_tqdm=False)
     result["generations"] = [list(o.outputs[0].token_ids) for o in gen]
     result["generation_prompt_tokens"] = [len(o.prompt_token_ids) for o in gen]
@@ -234,15 +234,13 @@ def check_inputs(args) -> None:
     """A bad router, text or prompts file fails here in one sentence, not inside an engine worker."""
     from vllm_tide.answers import read_prompts
     from vllm_tide.checkpoint import RouterCheckpoint
-    from vllm_tide.corpus import read_texts
+    from vllm_tide.corpus import check_paths, read_texts
     from vllm_tide.errors import TideConfigError, exit_on_config_error
     with exit_on_config_error():
         if args.prompts:
             read_prompts(args.prompts, "--prompts")
         if args.text:
-            missing = [p for p in args.text if not os.path.exists(p)]
-            if missing:
-                raise TideConfigError(f"--text {missing[0]!r} does not exist; pass text files or folders of .txt, .md or .jsonl files.")
+            check_paths(args.text, "--text")
             if not any(t.strip() for t in read_texts(args.text)):
                 raise TideConfigError(f"--text {' '.join(args.text)} holds no text; pass UTF-8 text files or "
                                       f"folders of .txt, .md or .jsonl files.")

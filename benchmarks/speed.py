@@ -4,8 +4,10 @@
     python benchmarks/speed.py --router outputs/router.safetensors                     # suggested threshold
 
 Two resident engines in two processes: stock (the plugin not loaded) and TIDE. Measurements alternate
-in pairs, A B then B A (so neither engine always runs second), after a warm-up, with the same execution mode for both (--execution: vLLM's default, compiled,
-or eager), and the median of --repeats is reported with the TIDE/stock ratio. Results are written as JSON with the machine description.
+in pairs, A B then B A (so neither engine always runs second), after a warm-up, with the same
+execution mode for both (--execution: vLLM's default, compiled, or eager), and the median of
+--repeats is reported with the TIDE/stock ratio. Results are written as JSON with the machine
+description.
 """
 from __future__ import annotations
 

@@ -91,9 +91,8 @@ class CalibrationConfig:
             raise TideConfigError(f"--checkpoint-cost must be >= 0 decoder layers, got {self.checkpoint_cost}.")
         if self.affine_rank is not None and self.affine_rank < 1:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
-        missing = [p for p in self.corpus if not os.path.exists(p)]
-        if missing:
-            raise TideConfigError(f"--corpus {missing[0]!r} does not exist; pass text files or folders of .txt, .md or .jsonl files.")
+        from .corpus import check_paths
+        check_paths(self.corpus, "--corpus")
         if self.output:
             _check_output(self.output)
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -71,6 +71,14 @@ def json_lines_texts(lines: list[tuple[int, str]], keys: tuple[str, ...], where:
     return out
 
 
+def check_paths(paths: list[str], flag: str) -> None:
+    """Text paths given on the command line exist: else one sentence naming the first missing one."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise TideConfigError(f"{flag} {missing[0]!r} does not exist; pass text files or folders of .txt, .md or "
+                              f".jsonl files.")
+
+
 def read_texts(paths: list[str]) -> list[str]:
     """Documents from files or folders (their .txt, .md and .jsonl files), in a stable order. A .jsonl
     file holds one document per line: a JSON string, or an object with a text field (TEXT_KEYS)."""
