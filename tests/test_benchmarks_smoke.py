@@ -201,12 +201,12 @@ def test_demo_shows_the_best_point_when_the_default_keeps_exits_off(tmp_path, ca
     ckpt.extra["unpaid"] = {"default": {"threshold": 0.8, "min_layer": 27, "skipped_fraction": 0.007}}
     ckpt.save(path)
     tide = {"router": path}
-    demo.explain_exits_off(tide)
+    demo.explain_exits_off(tide, ckpt)
     assert tide == {"router": path, "threshold": 0.8, "min_layer": 27}
     assert "keeps exits off" in capsys.readouterr().out
     for exits in ({"router": path, "preset": "fast"}, {"router": path, "threshold": 0.9}):
         before = dict(exits)
-        demo.explain_exits_off(exits)
+        demo.explain_exits_off(exits, ckpt)
         assert exits == before and capsys.readouterr().out == ""
 
 
