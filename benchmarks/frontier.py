@@ -300,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-presets", action="store_true", help="compute presets for variant checkpoints lacking them")
     p.add_argument("--dev-tokens", type=int, default=4096)
     p.add_argument("--dev-prompts", type=int, default=50)
-    p.add_argument("--speed-repeats", type=int, default=5)
+    p.add_argument("--speed-repeats", type=int, default=4)
     p.add_argument("--execution", default="eager", choices=["eager", "compiled"],
                    help="speed runs' execution mode for both engines (the cached runs are eager)")
     p.add_argument("--stages", nargs="*", default=["calibrate", "dev", "test", "report"])

@@ -3,6 +3,7 @@ the results, plus what must hold exactly: with exits off TIDE is stock."""
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -110,9 +111,32 @@ def test_quality_benchmark_rejects_missing_text(tmp_path):
 @requires_engine
 def test_speed_benchmark_smoke(tmp_path):
     m = run_with_router(tmp_path, "speed.py", {15: "all"}, "--threshold", "0.5", "--repeats", "1",
-                        "--modes", "decode_b1")["modes"]["decode_b1"]
+                        "--modes", "decode_b1", "--execution", "eager")["modes"]["decode_b1"]
     assert m["stock_tok_s"] > 0 and m["tide_tok_s"] > 0 and m["ratio"] > 0
+    # both start orders ran, and the ratio is their geometric mean
+    assert m["ratio"] == pytest.approx((m["ratio_stock_first"] * m["ratio_tide_first"]) ** 0.5)
     assert m["skipped_layer_fraction"] == pytest.approx(14 / 30)     # every token exits at 15
+
+
+def test_speed_ratio_cancels_the_start_order_factor():
+    """Whichever engine starts second runs faster by some factor f on this machine: the halves read
+    r*f and r/f, and the reported ratio must be r."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import speed
+    rng = random.Random(0)
+    r, f = 0.97, 1.2
+
+    def half(factor):      # pairs whose stock/TIDE time ratios are r * factor * noise
+        stock = [{"seconds": 1.0, "tokens": 64} for _ in range(5)]
+        tide = [{"seconds": 1.0 / (r * factor * rng.uniform(0.99, 1.01)), "tokens": 64, "skipped": 0.1}
+                for _ in range(5)]
+        return {"stock": stock, "tide": tide}
+    m = speed.summarize({"stock_first": half(f), "tide_first": half(1 / f)})
+    assert m["ratio_stock_first"] == pytest.approx(r * f, rel=0.011)
+    assert m["ratio_tide_first"] == pytest.approx(r / f, rel=0.011)
+    assert m["ratio"] == pytest.approx(r, rel=0.011)
+    assert m["ratio_min"] < r / f * 1.011 and m["ratio_max"] > r * f / 1.011
+    assert m["skipped_layer_fraction"] == 0.1 and m["stock_tok_s"] == 64
 
 
 @pytest.mark.e2e

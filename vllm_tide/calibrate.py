@@ -225,8 +225,9 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     projections = {c: fit_projection(cfg.exit_projection, train.z[c], train, lm_w, cfg.ridge, cfg.affine_rank,
                                      cfg.seed + c)
                    for c in tqdm(layers, desc="exit projections", unit="ckpt", file=sys.stderr)}
-    train_m = exit_metrics(train, projections, lm_w, with_kl=cfg.criterion == "kl", with_nll=False)
-    val_m = exit_metrics(val, projections, lm_w, with_kl=True)
+    train_m = exit_metrics(train, projections, lm_w, with_kl=cfg.criterion == "kl", with_nll=False,
+                           desc="exit outcomes (calibration)")
+    val_m = exit_metrics(val, projections, lm_w, with_kl=True, desc="exit outcomes (validation)")
 
     routers, report, val_scores, router_mods = {}, [], {}, {}
     for c in tqdm(layers, desc="routers", unit="ckpt", file=sys.stderr):

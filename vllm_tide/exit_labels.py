@@ -93,7 +93,8 @@ class ExitMetrics:
 
 @torch.no_grad()
 def exit_metrics(states: "States", projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
-                 with_kl: bool, with_nll: bool = True, chunk: int = 4096) -> dict[int, ExitMetrics]:
+                 with_kl: bool, with_nll: bool = True, chunk: int = 4096,
+                 desc: str | None = None) -> dict[int, ExitMetrics]:
     """For every checkpoint and token, what exiting there would give: one chunked pass in which the
     full model's distribution is computed once per chunk and compared with each checkpoint's exit.
     It runs where ``lm_w`` is (the model's device: on a GPU the LM-head products dominate calibration);
@@ -104,7 +105,8 @@ def exit_metrics(states: "States", projections: dict[int, ExitProjection | None]
     finals = []
     w = lm_w
     n = len(states.top1)
-    for s in range(0, n, chunk):
+    # with ``desc``, a progress bar: full-vocabulary products at every checkpoint take minutes on a CPU
+    for s in tqdm(range(0, n, chunk), desc=desc, unit="chunk", file=sys.stderr, disable=desc is None):
         def rows(t: torch.Tensor, s: int = s) -> torch.Tensor:     # this chunk's rows, on the LM head's device
             return t[s:s + chunk].to(w.device)
         tgt = rows(states.target)
