@@ -4,13 +4,14 @@
     python benchmarks/speed.py --router outputs/router.safetensors                     # suggested threshold
 
 Two resident engines in two processes: stock (the plugin not loaded) and TIDE, with the same
-execution mode (--execution: vLLM's default, compiled, or eager). On this project's 2-core machine
-the engine started second ran up to 20% faster than the one started first, whatever it ran (an A/A
-control of stock against stock read 1.20), so the run has two halves: stock started first, then TIDE
-started first. In each half, after a warm-up, --repeats pairs alternate their order (A B, then B A),
-and the half's ratio is the median of its per-pair ratios; the reported ratio is the geometric mean of
-the two halves', in which the start-order factor cancels. Results are written as JSON with the
-machine description and both halves' ratios.
+execution mode (--execution: vLLM's default, compiled, or eager). On this project's 2-core machine an
+engine process keeps its own speed for its whole life, up to 10-50% away from an identical one, and
+the engine started second was usually the faster, so the run has two halves: stock started first,
+then TIDE started first. In each half, after a warm-up, --repeats pairs alternate their order (A B,
+then B A), and the half's ratio is the median of its per-pair ratios; the reported ratio is the
+geometric mean of the two halves', which cancels a start-order factor (not each process's own: run
+--control, stock against stock, to see what is left). Results are written as JSON with the machine
+description, both halves' ratios and every run's seconds.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def summarize(halves: dict) -> dict:
             "skipped_layer_fraction": statistics.median(r.get("skipped", 0.0) for r in tide),
             "partial_layer_fraction": statistics.median(r.get("partial", 0.0) for r in tide),
             "exits": statistics.median(r.get("exits", 0) for r in tide),
-            "deferred_exits": statistics.median(r.get("deferred", 0) for r in tide)}
+            "deferred_exits": statistics.median(r.get("deferred", 0) for r in tide),
+            "seconds": {h: {k: [r["seconds"] for r in v] for k, v in r.items()} for h, r in halves.items()}}
 
 
 def main() -> None:
