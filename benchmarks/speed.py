@@ -105,7 +105,8 @@ class Engine:
         self.log.close()
 
 
-START_ORDERS = ("stock_first", "tide_first")
+# the two halves, by the order in which their engines start (also a pair's two run orders)
+START_ORDERS = {"stock_first": ("stock", "tide"), "tide_first": ("tide", "stock")}
 
 
 def _pair_ratio(runs: dict) -> tuple[float, list[float]]:
@@ -116,8 +117,9 @@ def _pair_ratio(runs: dict) -> tuple[float, list[float]]:
 
 def summarize(halves: dict) -> dict:
     """One mode's result from both halves: their start-order factors cancel in the geometric mean."""
-    med = {h: _pair_ratio(r)[0] for h, r in halves.items()}
-    every = sorted(x for r in halves.values() for x in _pair_ratio(r)[1])
+    pairs = {h: _pair_ratio(r) for h, r in halves.items()}
+    med = {h: m for h, (m, _) in pairs.items()}
+    every = sorted(x for _, ratios in pairs.values() for x in ratios)
     tide = [r for h in halves.values() for r in h["tide"]]
     rate = {k: statistics.median(r["tokens"] / r["seconds"] for h in halves.values() for r in h[k])
             for k in ("stock", "tide")}
@@ -164,15 +166,14 @@ def main() -> None:
     for half in START_ORDERS:
         engines = {}
         try:
-            first = half.removesuffix("_first")
-            for slot in (first, "tide" if first == "stock" else "stock"):
+            for slot in START_ORDERS[half]:
                 kind, execution = slots[slot]
                 engines[slot] = Engine(kind, args, execution)
             for mode in args.modes:
                 for e in engines.values():          # warm-up
                     e.run(mode)
                 for i in range(args.repeats):
-                    for slot in (("stock", "tide") if i % 2 == 0 else ("tide", "stock")):
+                    for slot in START_ORDERS["stock_first" if i % 2 == 0 else "tide_first"]:
                         runs[mode][half][slot].append(engines[slot].run(mode))
                 print(f"{mode:>10} ({half.replace('_', ' ')}): ratio {_pair_ratio(runs[mode][half])[0]:.3f}", flush=True)
         finally:
