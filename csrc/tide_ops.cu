@@ -24,75 +24,223 @@ template <typename V> __device__ __forceinline__ V warp_sum(V v) {
 }
 
 // ----------------------------------------------------------------------------- fused router scoring
-// One block scores TOK tokens: RMSNorm (fp32, rounded to the model dtype like the model's own norm),
-// down-projection (B outputs), SiLU, up-projection, sigmoid, threshold and active mask.
-constexpr int TOK = 16;
-constexpr int DC = 32;          // hidden-dimension chunk staged in shared memory
-constexpr int THREADS = 256;
+// One block scores TOKN tokens in one launch: RMSNorm in fp32, rounded to the model dtype like the
+// model's own norm, kept in shared memory; then each warp takes rows of the down-projection and reads
+// them once from global memory with 16-byte loads for all TOKN tokens; SiLU and the up-projection are
+// folded into a per-warp partial sum, and the block finishes with sigmoid, threshold and active mask.
+// TOKN is chosen per call so that small batches still spread over many multiprocessors, and each lane
+// keeps UNROLL 16-byte loads in flight. When there are still fewer token blocks than multiprocessors
+// (small batches, decode), the down-projection is also split over blocks, by columns (chunks of the
+// hidden dimension) and rows (bottleneck units), so that at one token ~64 multiprocessors read the 2 MB
+// of a D=4096 router instead of one: each block then writes its partial dot products to a scratch
+// [column chunks, N, B] and router_finish_kernel adds them up and applies SiLU, the up-projection,
+// sigmoid, threshold and mask. Unsplit (larger batches), one block finishes its tokens itself.
+constexpr int THREADS = 512;
+constexpr int WARPS = THREADS / 32;
+constexpr int UNROLL = 4;
+constexpr size_t ROUTER_SMEM_LIMIT = 160 * 1024;
 
-template <typename T, int B>
-__global__ void router_score_kernel(const T* __restrict__ x, const float* __restrict__ norm_w, float eps,
+// Four consecutive elements of the staged input (aligned to 4 elements) as floats, in one load where
+// the type allows: float4 for fp32, 8 bytes for fp16/bf16; double (also dispatched) element by element.
+template <typename T> __device__ __forceinline__ void load4(const T* p, float* o) {
+  if constexpr (std::is_same_v<T, float>) {
+    float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+  } else if constexpr (sizeof(T) == 2) {
+    uint2 u = *reinterpret_cast<const uint2*>(p);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = to_f(h[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = to_f(p[k]);
+  }
+}
+
+template <typename T, int TOKN, bool SPLIT>
+__global__ void __launch_bounds__(THREADS) router_score_kernel(const T* __restrict__ x, const float* __restrict__ norm_w, float eps,
                                     const float* __restrict__ w1, const float* __restrict__ b1,
                                     const float* __restrict__ w2, const float* __restrict__ b2, float threshold,
                                     const bool* __restrict__ active, float* __restrict__ score,
-                                    bool* __restrict__ exit_mask, int n, int d) {
-  constexpr int GROUPS = THREADS / B;            // token groups per block
-  constexpr int PER = TOK / GROUPS;              // tokens per thread
-  __shared__ float rstd[TOK];
-  __shared__ float zs[TOK][DC];
-  __shared__ float ws[B][DC + 1];
-  __shared__ float partial[TOK][B / 32];
+                                    bool* __restrict__ exit_mask, int n, int d, int b, bool vec,
+                                    int chunk, int rows_per, float* __restrict__ part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* z = reinterpret_cast<T*>(smem_raw);                   // [TOKN][chunk], this block's columns of the input
+  __shared__ float rstd[TOKN];
+  __shared__ float partial[TOKN][WARPS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t0 = blockIdx.x * TOK;
+  const int t0 = blockIdx.x * TOKN, nv = min(TOKN, n - t0);
+  const int c0 = blockIdx.y * chunk, cl = min(chunk, d - c0);        // columns [c0, c0 + cl)
+  const int j0 = blockIdx.z * rows_per, j1 = min(b, j0 + rows_per);  // rows [j0, j1)
 
-  for (int t = warp; t < TOK; t += THREADS / 32) {        // pass 1: 1/rms per token
+  for (int t = warp; t < nv; t += WARPS) {                 // 1/rms per token
     float s = 0.f;
-    if (t0 + t < n)
-      for (int i = lane; i < d; i += 32) { float v = to_f(x[(size_t)(t0 + t) * d + i]); s += v * v; }
+    for (int i = lane; i < d; i += 32) { float v = to_f(x[(size_t)(t0 + t) * d + i]); s += v * v; }
     s = warp_sum(s);
     if (lane == 0) rstd[t] = rsqrtf(s / d + eps);
   }
   __syncthreads();
-
-  const int j = tid % B, g = tid / B;
-  float acc[PER];
-#pragma unroll
-  for (int k = 0; k < PER; ++k) acc[k] = 0.f;
-  for (int d0 = 0; d0 < d; d0 += DC) {                     // pass 2: down-projection, chunk by chunk
-    for (int e = tid; e < TOK * DC; e += THREADS) {
-      int t = e / DC, dd = e % DC, col = d0 + dd;
-      float v = 0.f;
-      if (t0 + t < n && col < d) v = to_f(from_f<T>(to_f(x[(size_t)(t0 + t) * d + col]) * rstd[t] * norm_w[col]));
-      zs[t][dd] = v;
-    }
-    for (int e = tid; e < B * DC; e += THREADS) {
-      int r = e / DC, dd = e % DC, col = d0 + dd;
-      ws[r][dd] = col < d ? w1[(size_t)r * d + col] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll 8
-    for (int dd = 0; dd < DC; ++dd) {
-      float w = ws[j][dd];
-#pragma unroll
-      for (int k = 0; k < PER; ++k) acc[k] += w * zs[g * PER + k][dd];
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int k = 0; k < PER; ++k) {                          // SiLU, up-projection, reduced over B
-    float h = acc[k] + b1[j];
-    float v = warp_sum(h / (1.f + __expf(-h)) * w2[j]);
-    if (lane == 0) partial[g * PER + k][j / 32] = v;
+  for (int e = tid; e < nv * cl; e += THREADS) {
+    int t = e / cl, i = e - t * cl;
+    z[t * chunk + i] = from_f<T>(to_f(x[(size_t)(t0 + t) * d + c0 + i]) * rstd[t] * norm_w[c0 + i]);
   }
   __syncthreads();
-  if (tid < TOK && t0 + tid < n) {
+
+  float contrib[TOKN];
+#pragma unroll
+  for (int t = 0; t < TOKN; ++t) contrib[t] = 0.f;
+  for (int j = j0 + warp; j < j1; j += WARPS) {
+    const float* row = w1 + (size_t)j * d + c0;
+    float acc[TOKN];
+#pragma unroll
+    for (int t = 0; t < TOKN; ++t) acc[t] = 0.f;
+    if (vec) {
+      for (int i0 = lane * 4; i0 < cl; i0 += 128 * UNROLL) {
+        float4 w[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {     // issue all loads first, then use them
+          const int i = i0 + u * 128;
+          w[u] = i < cl ? __ldg(reinterpret_cast<const float4*>(row + i)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int i = i0 + u * 128;
+          if (i >= cl) break;
+#pragma unroll
+          for (int t = 0; t < TOKN; ++t) {
+            if (t < nv) {
+              float zz[4];
+              load4(z + t * chunk + i, zz);
+              acc[t] += w[u].x * zz[0] + w[u].y * zz[1] + w[u].z * zz[2] + w[u].w * zz[3];
+            }
+          }
+        }
+      }
+    } else {
+      for (int i0 = lane; i0 < cl; i0 += 32 * UNROLL) {
+        float w[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int i = i0 + u * 32;
+          w[u] = i < cl ? __ldg(row + i) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const int i = i0 + u * 32;
+          if (i >= cl) break;
+#pragma unroll
+          for (int t = 0; t < TOKN; ++t)
+            if (t < nv) acc[t] += w[u] * to_f(z[t * chunk + i]);
+        }
+      }
+    }
+    if constexpr (SPLIT) {                     // partial dot products, finished by router_finish_kernel
+#pragma unroll
+      for (int t = 0; t < TOKN; ++t) {
+        if (t < nv) {
+          const float s = warp_sum(acc[t]);
+          if (lane == 0) part[((size_t)blockIdx.y * n + t0 + t) * b + j] = s;
+        }
+      }
+      continue;
+    }
+    const float bj = b1[j], wj = w2[j];
+#pragma unroll
+    for (int t = 0; t < TOKN; ++t) {
+      if (t < nv) {
+        float h = warp_sum(acc[t]) + bj;
+        contrib[t] += h / (1.f + __expf(-h)) * wj;
+      }
+    }
+  }
+  if constexpr (SPLIT) return;
+  if (lane == 0) {
+#pragma unroll
+    for (int t = 0; t < TOKN; ++t)
+      if (t < nv) partial[t][warp] = contrib[t];
+  }
+  __syncthreads();
+  if (tid < nv) {
     float s = b2[0];
 #pragma unroll
-    for (int q = 0; q < B / 32; ++q) s += partial[tid][q];
+    for (int q = 0; q < WARPS; ++q) s += partial[tid][q];
     float p = 1.f / (1.f + expf(-s));
     score[t0 + tid] = p;
     exit_mask[t0 + tid] = active[t0 + tid] && p > threshold;
   }
+}
+
+// Finishes a split router_score_kernel: one warp per token adds the column chunks' partial dot products.
+__global__ void router_finish_kernel(const float* __restrict__ part, int splits, const float* __restrict__ b1,
+                                     const float* __restrict__ w2, const float* __restrict__ b2, float threshold,
+                                     const bool* __restrict__ active, float* __restrict__ score,
+                                     bool* __restrict__ exit_mask, int n, int b) {
+  const int t = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (t >= n) return;                          // uniform over the warp, so warp_sum below has every lane
+  float c = 0.f;
+  for (int j = lane; j < b; j += 32) {
+    float h = b1[j];
+    for (int q = 0; q < splits; ++q) h += part[((size_t)q * n + t) * b + j];
+    c += h / (1.f + __expf(-h)) * w2[j];
+  }
+  c = warp_sum(c);
+  if (lane == 0) {
+    const float p = 1.f / (1.f + expf(-(c + b2[0])));
+    score[t] = p;
+    exit_mask[t] = active[t] && p > threshold;
+  }
+}
+
+int multiprocessor_count(int device) {
+  static int cached[64] = {0};
+  if (device < 64 && cached[device]) return cached[device];
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) cached[device] = sms;
+  return sms;
+}
+
+template <typename T, int TOKN>
+void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const at::Tensor& W1, const at::Tensor& B1,
+                   const at::Tensor& W2, const at::Tensor& B2, double threshold, const at::Tensor& act,
+                   at::Tensor& score, at::Tensor& ex) {
+  const int n = x.size(0), d = x.size(1), b = W1.size(0);
+  // 16-byte loads of W1 rows (and 8/16-byte loads of the staged input) need d % 4 == 0 and an aligned W1;
+  // a W1 that is a view into a larger tensor may not be, and takes the scalar path.
+  const bool vec = d % 4 == 0 && reinterpret_cast<uintptr_t>(W1.data_ptr()) % 16 == 0;
+  const int token_blocks = (n + TOKN - 1) / TOKN, sms = multiprocessor_count(x.get_device());
+  // Fewer token blocks than multiprocessors: split the down-projection too, into column chunks of at
+  // least one full pass of a warp's loads (a multiple of 4, so 16-byte loads stay aligned) and row
+  // groups of about one row per warp, until the blocks cover the multiprocessors.
+  // (router_score_cuda only picks more than one token per block when the token blocks would outnumber
+  // the multiprocessors, so only TOKN == 1 ever splits, and only it is compiled with the split path)
+  int col_splits = 1, row_splits = 1;
+  if (TOKN == 1 && token_blocks < sms) {
+    col_splits = std::max(1, std::min((d + 128 * UNROLL - 1) / (128 * UNROLL), sms / token_blocks));
+    row_splits = std::max(1, std::min((b + WARPS - 1) / WARPS, sms / (token_blocks * col_splits)));
+  }
+  const int chunk = ((d + col_splits - 1) / col_splits + 3) / 4 * 4;
+  col_splits = (d + chunk - 1) / chunk;          // no empty chunk after rounding up
+  const int rows_per = (b + row_splits - 1) / row_splits;
+  row_splits = (b + rows_per - 1) / rows_per;
+  const bool split = col_splits * row_splits > 1;
+  at::Tensor part;
+  if (split) part = at::empty({col_splits, n, b}, x.options().dtype(at::kFloat));
+  const size_t smem = (size_t)TOKN * chunk * sizeof(T);
+  auto kernel = split ? router_score_kernel<T, TOKN, TOKN == 1> : router_score_kernel<T, TOKN, false>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(token_blocks, col_splits, row_splits), THREADS, smem, stream>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(),
+      B1.data_ptr<float>(), W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold, act.data_ptr<bool>(),
+      score.data_ptr<float>(), ex.data_ptr<bool>(), n, d, b, vec, chunk, rows_per,
+      split ? part.data_ptr<float>() : nullptr);
+  if (split)
+    router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), col_splits, B1.data_ptr<float>(),
+                                                          W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold,
+                                                          act.data_ptr<bool>(), score.data_ptr<float>(),
+                                                          ex.data_ptr<bool>(), n, b);
 }
 
 std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
@@ -100,27 +248,27 @@ std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const 
                                                      const at::Tensor& b2, double threshold, const at::Tensor& active) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "tide::router_score: x must be a contiguous [N, D] tensor");
-  const int n = x.size(0), d = x.size(1), b = w1.size(0);
+  const int n = x.size(0), d = x.size(1);
   auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
   auto nw = f32(norm_weight), W1 = f32(w1), B1 = f32(b1), W2 = f32(w2).view(-1), B2 = f32(b2).view(-1);
   auto act = active.to(at::kBool).contiguous();
   auto score = at::empty({n}, x.options().dtype(at::kFloat));
   auto ex = at::empty({n}, x.options().dtype(at::kBool));
   if (n == 0) return {score, ex};
-  TORCH_CHECK(b == 128 || b == 64 || b == 256, "tide::router_score: bottleneck must be 64, 128 or 256");
-  dim3 grid((n + TOK - 1) / TOK);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  // tokens per block: enough blocks to fill the multiprocessors, within the shared-memory budget
+  // (with fewer, launch_router splits the down-projection over blocks as well)
+  const int sms = multiprocessor_count(x.get_device());
+  int tokn = 1;
+  while (tokn < 16 && tokn * sms < n && (size_t)(2 * tokn) * d * x.element_size() <= ROUTER_SMEM_LIMIT) tokn *= 2;
+  TORCH_CHECK((size_t)d * x.element_size() <= ROUTER_SMEM_LIMIT, "tide::router_score: hidden size too large");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_score", [&] {
-    auto launch = [&](auto bb) {
-      constexpr int BB = decltype(bb)::value;
-      router_score_kernel<scalar_t, BB><<<grid, THREADS, 0, stream>>>(
-          x.data_ptr<scalar_t>(), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), B1.data_ptr<float>(),
-          W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold, act.data_ptr<bool>(),
-          score.data_ptr<float>(), ex.data_ptr<bool>(), n, d);
-    };
-    if (b == 64) launch(std::integral_constant<int, 64>{});
-    else if (b == 128) launch(std::integral_constant<int, 128>{});
-    else launch(std::integral_constant<int, 256>{});
+    switch (tokn) {
+      case 1: launch_router<scalar_t, 1>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
+      case 2: launch_router<scalar_t, 2>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
+      case 4: launch_router<scalar_t, 4>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
+      case 8: launch_router<scalar_t, 8>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
+      default: launch_router<scalar_t, 16>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
+    }
   });
   TIDE_CHECK_CUDA();
   return {score, ex};
@@ -290,18 +438,22 @@ std::tuple<at::Tensor, at::Tensor> kv_project_cuda(const at::Tensor& x, const at
 }
 
 // ----------------------------------------------------------------------------- paged cache write, all layers
-// One launch writes every layer: a small table holds each layer's K and V cache base pointers; all
-// layers' caches share shape and strides ([blocks, block_size, H, hd] views, any strides).
+// One launch writes every layer: each layer's K and V cache base pointers travel in the kernel's
+// arguments (no host-to-device copy); all layers' caches share shape and strides
+// ([blocks, block_size, H, hd] views, any strides).
+constexpr int MAX_FILL_LAYERS = 128;
+struct CachePointers { int64_t p[2 * MAX_FILL_LAYERS]; };
+
 template <typename T, bool VEC>
-__global__ void kv_cache_write_kernel(const T* __restrict__ k, const T* __restrict__ v, const int64_t* __restrict__ ptrs,
+__global__ void kv_cache_write_kernel(const T* __restrict__ k, const T* __restrict__ v, const CachePointers ptrs,
                                       const int64_t* __restrict__ slots, int n, int layers, int heads, int hd,
                                       int block_size, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
   const int t = blockIdx.x, l = blockIdx.y;
   const int64_t slot = slots[(size_t)l * n + t];
   if (slot < 0) return;
   const int64_t blk = slot / block_size, off = slot % block_size;
-  T* kc = reinterpret_cast<T*>(ptrs[l]);
-  T* vc = reinterpret_cast<T*>(ptrs[layers + l]);
+  T* kc = reinterpret_cast<T*>(ptrs.p[l]);
+  T* vc = reinterpret_cast<T*>(ptrs.p[layers + l]);
   const size_t src = ((size_t)l * n + t) * heads * hd;
   if constexpr (VEC) {   // 16-byte moves: head_dim contiguous in the cache, everything 16-byte aligned
     constexpr int W = 16 / sizeof(T);
@@ -327,27 +479,27 @@ void kv_cache_write_cuda(const at::Tensor& k, const at::Tensor& v, at::TensorLis
   const int layers = k.size(0), n = k.size(1), heads = k.size(2), hd = k.size(3);
   TORCH_CHECK((int)k_caches.size() == layers && (int)v_caches.size() == layers, "tide::kv_cache_write: one cache per layer");
   if (n == 0 || layers == 0) return;
+  TORCH_CHECK(layers <= MAX_FILL_LAYERS, "tide::kv_cache_write: at most ", MAX_FILL_LAYERS, " layers per call");
   auto ref = k_caches[0];
-  std::vector<int64_t> table(2 * layers);
+  CachePointers table{};
   for (int l = 0; l < layers; ++l) {
     for (const auto& c : {k_caches[l], v_caches[l]})
       TORCH_CHECK(c.sizes() == ref.sizes() && c.strides() == ref.strides() && c.scalar_type() == k.scalar_type(),
                   "tide::kv_cache_write: every layer's K and V cache view must share shape, strides and dtype");
-    table[l] = reinterpret_cast<int64_t>(k_caches[l].data_ptr());
-    table[layers + l] = reinterpret_cast<int64_t>(v_caches[l].data_ptr());
+    table.p[l] = reinterpret_cast<int64_t>(k_caches[l].data_ptr());
+    table.p[layers + l] = reinterpret_cast<int64_t>(v_caches[l].data_ptr());
   }
-  auto ptrs = at::tensor(table, at::TensorOptions().dtype(at::kLong)).to(k.device(), /*non_blocking=*/true);
   auto kk = k.contiguous(), vv = v.to(k.scalar_type()).contiguous();
   auto sl = slots.to(at::kLong).contiguous();
   dim3 grid(n, layers);
   int threads = std::min(heads * hd, 128);
   const int64_t w = 16 / k.element_size();
   bool vec = ref.stride(3) == 1 && hd % w == 0 && ref.stride(0) % w == 0 && ref.stride(1) % w == 0 && ref.stride(2) % w == 0;
-  for (auto p : table) vec = vec && p % 16 == 0;
+  for (int i = 0; i < 2 * layers; ++i) vec = vec && table.p[i] % 16 == 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "kv_cache_write", [&] {
     auto launch = [&](auto use_vec) {
       kv_cache_write_kernel<scalar_t, decltype(use_vec)::value><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          kk.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(), ptrs.data_ptr<int64_t>(), sl.data_ptr<int64_t>(), n, layers,
+          kk.data_ptr<scalar_t>(), vv.data_ptr<scalar_t>(), table, sl.data_ptr<int64_t>(), n, layers,
           heads, hd, ref.size(1), ref.stride(0), ref.stride(1), ref.stride(2), ref.stride(3));
     };
     if (vec) launch(std::true_type{}); else launch(std::false_type{});

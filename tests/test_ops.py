@@ -199,9 +199,8 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops.CUDA_LIBRARY),
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES + [4096])
-@pytest.mark.parametrize("d", [576, 896, 4096])
-def test_cuda_router_score(dtype, n, d):
-    b = 128
+@pytest.mark.parametrize("d,b", [(576, 128), (896, 128), (4096, 128), (570, 96)])   # 570: the unvectorised path
+def test_cuda_router_score(dtype, n, d, b):
     args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
             torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
     gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
@@ -211,6 +210,35 @@ def test_cuda_router_score(dtype, n, d):
     # borderline scores may flip; everything clear of the threshold must agree
     clear = (s_ref - 0.5).abs() > 1e-3
     assert torch.equal(f.cpu()[clear], f_ref[clear])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_router_score_unaligned_weights(dtype):
+    """A down-projection that is a view 4 bytes into its storage cannot take 16-byte loads."""
+    n, d, b = 33, 576, 128
+    w1 = (torch.randn(b * d + 1) / d ** 0.5)[1:].view(b, d)
+    args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, w1,
+            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
+    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    gpu[3] = (torch.randn(b * d + 1, device="cuda"))[1:].view(b, d).copy_(w1)
+    assert gpu[3].data_ptr() % 16 != 0
+    s_ref, _ = ref.router_score(*args)
+    s, _ = torch.ops.tide.router_score(*gpu)
+    assert rel_err(s.cpu(), s_ref) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 33, 1025])
+def test_cuda_router_score_float64_input(n):
+    """Double inputs are dispatched too; their staged input cannot take the 8-byte half-precision loads."""
+    d, b = 576, 128
+    args = [torch.randn(n, d, dtype=torch.float64) * 2, torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
+            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
+    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    s_ref, _ = ref.router_score(*args)
+    s, _ = torch.ops.tide.router_score(*gpu)
+    assert rel_err(s.cpu(), s_ref) < 1e-4
 
 
 @cuda
