@@ -6,7 +6,11 @@
 # a copy in a temporary folder), so one device call says whether the pending rework is correct and faster.
 # Then it runs the calibration tests that need a GPU (`--device cuda` against the CPU) and, last, the
 # compiled-layer tests on CUDA (segments, scored and final segments and partial layers through dynamo and inductor).
+#
+# `bash scripts/gpu_check.sh --pending-only` checks only main + the pending patches (build, op tests,
+# benchmark): for a second call in one session, when main's results are already in hand.
 set -uo pipefail
+PENDING_ONLY=0; [ "${1:-}" = "--pending-only" ] && PENDING_ONLY=1
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -30,7 +34,7 @@ check() {   # check NAME SOURCE_ROOT: build, op tests, benchmark
     2>&1 | tee "$OUT/bench_$name.log"
 }
 
-check main "$PWD"
+[ $PENDING_ONLY = 1 ] || check main "$PWD"
 patches=(csrc/pending/*.patch)
 if [ -e "${patches[0]}" ]; then
   src=$(mktemp -d)/src   # outside the repo, so git apply patches this copy and nothing else
@@ -41,6 +45,7 @@ if [ -e "${patches[0]}" ]; then
   done
   check pending "$src"
 fi
+[ $PENDING_ONLY = 1 ] && exit 0
 
 # Calibration with --device cuda (tiny models built here, no vLLM): simulations and LM-head products
 # on the GPU against the same run on the CPU.
