@@ -196,11 +196,22 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops.CUDA_LIBRARY),
                           reason="needs a CUDA device and the ops library built with `make ops`")
 
 
+# router_score picks its kernel by token count; these force one (fp32 input and unsupported shapes
+# fall back to the CUDA-core kernel even when tensor cores are forced, and must stay right)
+ROUTER_PATHS = {"tensor_cores": "0", "cuda_cores": str(1 << 30)}
+
+
+@pytest.fixture(params=list(ROUTER_PATHS))
+def router_path(request, monkeypatch):
+    monkeypatch.setenv("TIDE_ROUTER_TC_MIN_TOKENS", ROUTER_PATHS[request.param])
+    return request.param
+
+
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES + [4096])
 @pytest.mark.parametrize("d,b", [(576, 128), (896, 128), (4096, 128), (570, 96)])   # 570: the unvectorised path
-def test_cuda_router_score(dtype, n, d, b):
+def test_cuda_router_score(dtype, n, d, b, router_path):
     args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
             torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
     gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
@@ -213,10 +224,28 @@ def test_cuda_router_score(dtype, n, d, b):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,b", [(1, 4096, 128), (65, 4096, 256), (100, 512, 16), (129, 8, 32), (1025, 4096, 48),
+                                   (3000, 2048, 64), (1025, 576, 272), (64, 1000, 128)])
+def test_cuda_router_score_tensor_core_shapes(dtype, n, d, b, router_path):
+    """The tensor-core path's edges: 1 to 16 column tiles (odd counts split unevenly over warps), token
+    counts off its 64-token tile, hidden sizes from one 8-column step up; B > 256 and D % 8 != 0 fall back."""
+    args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
+            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
+    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    s_ref, f_ref = ref.router_score(*args)
+    s, f = torch.ops.tide.router_score(*gpu)
+    assert rel_err(s.cpu(), s_ref) < 1e-4
+    clear = (s_ref - 0.5).abs() > 1e-3
+    assert torch.equal(f.cpu()[clear], f_ref[clear])
+
+
+@cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_router_score_unaligned_weights(dtype):
-    """A down-projection that is a view 4 bytes into its storage cannot take 16-byte loads."""
-    n, d, b = 33, 576, 128
+@pytest.mark.parametrize("n", [33, 1025])
+def test_cuda_router_score_unaligned_weights(dtype, n, router_path):
+    """A down-projection that is a view 4 bytes into its storage cannot take 16-byte loads (nor fragment loads)."""
+    d, b = 576, 128
     w1 = (torch.randn(b * d + 1) / d ** 0.5)[1:].view(b, d)
     args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, w1,
             torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
