@@ -241,3 +241,34 @@ def test_exits_are_taken_only_when_they_save_work():
     assert take(40, 40, 16)                   # 16 rows and 40%: taken
     assert take(1024, 1024, 300)
     assert take(100, 70, 1)                   # already split (30 exited): every further exit saves
+
+
+def test_padded_rows_are_not_counted_and_never_exit(monkeypatch):
+    """On GPUs vLLM can pad a step (CUDA graphs, micro-batches) and marks the padding in the forward
+    context: the engine counts only the real tokens, and rows past the requests' thresholds never exit."""
+    from types import SimpleNamespace
+
+    import vllm.forward_context as fc
+    from vllm_tide import engine
+    from vllm_tide.checkpoint import OFF
+    ctx = SimpleNamespace(attn_metadata={"model.layers.0.self_attn.attn": object()},
+                          is_padding=torch.tensor([False, False, False, True, True]))
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context", lambda: ctx)
+    assert engine._real_step() == (True, 3)
+    ctx.is_padding = None                     # no padding marked: every row is real
+    assert engine._real_step() == (True, None)
+    ctx.attn_metadata = None                  # profile and dummy runs
+    assert engine._real_step() == (False, None)
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: False)
+    assert engine._real_step() == (False, None)
+
+    step = SimpleNamespace(threshold=OFF, step_thresholds=torch.tensor([0.5, 0.7, 0.9]), step_min=0.5)
+    thr, routing = engine.EarlyExitEngine._step_thresholds(step, 5)
+    assert routing and torch.equal(thr, torch.tensor([0.5, 0.7, 0.9, OFF, OFF]))
+    thr, _ = engine.EarlyExitEngine._step_thresholds(step, 2)   # more thresholds than rows: the first n
+    assert torch.equal(thr, torch.tensor([0.5, 0.7]))
+    step.step_min = OFF                       # every request has exits off: stock's forward
+    assert not engine.EarlyExitEngine._step_thresholds(step, 5)[1]
+    step.step_thresholds, step.threshold = None, 0.8   # every request at the engine's threshold
+    assert engine.EarlyExitEngine._step_thresholds(step, 5) == (None, True)
