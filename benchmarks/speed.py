@@ -6,12 +6,13 @@
 Two resident engines in two processes: stock (the plugin not loaded) and TIDE, with the same
 execution mode (--execution: vLLM's default, compiled, or eager). On this project's 2-core machine an
 engine process keeps its own speed for its whole life, up to 10-50% away from an identical one, and
-the engine started second was usually the faster, so the run has two halves: stock started first,
-then TIDE started first. In each half, after a warm-up, --repeats pairs alternate their order (A B,
-then B A), and the half's ratio is the median of its per-pair ratios; the reported ratio is the
-geometric mean of the two halves', which cancels a start-order factor (not each process's own: run
+the engine started second was usually the faster, so the run has halves (--halves, default 2, an
+even number) with fresh engines each: stock started first, then TIDE started first, and so on. In each
+half, after a warm-up, --repeats pairs alternate their order (A B, then B A), and the half's ratio is
+the median of its per-pair ratios; the reported ratio is the geometric mean of the halves', which
+cancels a start-order factor. Each process's own factor only averages down with more halves (run
 --control, stock against stock, to see what is left). Results are written as JSON with the machine
-description, both halves' ratios and every run's seconds.
+description, every half's ratio and every run's seconds.
 """
 from __future__ import annotations
 
@@ -105,8 +106,22 @@ class Engine:
         self.log.close()
 
 
-# the two halves, by the order in which their engines start (also a pair's two run orders)
+# the two kinds of half, by the order in which their engines start (also a pair's two run orders)
 START_ORDERS = {"stock_first": ("stock", "tide"), "tide_first": ("tide", "stock")}
+
+
+def half_names(halves: int) -> list[str]:
+    """The run's halves in order: stock_first, tide_first, stock_first_2, tide_first_2, ..."""
+    return [order + ("" if k == 0 else f"_{k + 1}") for k in range(halves // 2) for order in START_ORDERS]
+
+
+def start_order(half: str) -> tuple[str, str]:
+    return START_ORDERS["stock_first" if half.startswith("stock_first") else "tide_first"]
+
+
+def _gmean(xs) -> float:
+    xs = list(xs)
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def _pair_ratio(runs: dict) -> tuple[float, list[float]]:
@@ -116,16 +131,18 @@ def _pair_ratio(runs: dict) -> tuple[float, list[float]]:
 
 
 def summarize(halves: dict) -> dict:
-    """One mode's result from both halves: their start-order factors cancel in the geometric mean."""
+    """One mode's result from its halves (as many started stock first as TIDE first): the start-order
+    factor cancels in the geometric mean of their medians, and each engine process's own averages down."""
     pairs = {h: _pair_ratio(r) for h, r in halves.items()}
     med = {h: m for h, (m, _) in pairs.items()}
+    by_order = {o: [m for h, m in med.items() if start_order(h) == START_ORDERS[o]] for o in START_ORDERS}
     every = sorted(x for _, ratios in pairs.values() for x in ratios)
     tide = [r for h in halves.values() for r in h["tide"]]
     rate = {k: statistics.median(r["tokens"] / r["seconds"] for h in halves.values() for r in h[k])
             for k in ("stock", "tide")}
     return {"stock_tok_s": rate["stock"], "tide_tok_s": rate["tide"],
-            "ratio": math.sqrt(med["stock_first"] * med["tide_first"]),
-            "ratio_stock_first": med["stock_first"], "ratio_tide_first": med["tide_first"],
+            "ratio": _gmean(med.values()), "ratio_per_half": med,
+            "ratio_stock_first": _gmean(by_order["stock_first"]), "ratio_tide_first": _gmean(by_order["tide_first"]),
             "ratio_min": every[0], "ratio_max": every[-1],
             "skipped_layer_fraction": statistics.median(r.get("skipped", 0.0) for r in tide),
             "partial_layer_fraction": statistics.median(r.get("partial", 0.0) for r in tide),
@@ -141,7 +158,10 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=None, help="default: the checkpoint's suggestion")
     p.add_argument("--min-layer", type=int, default=None)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=4, help="interleaved pairs per half (per start order)")
+    p.add_argument("--repeats", type=int, default=4, help="interleaved pairs per half")
+    p.add_argument("--halves", type=int, default=2,
+                   help="engine starts per side, alternating which side starts first (even; more average "
+                        "down each process's own speed, ~4 min per half on 2 cores)")
     p.add_argument("--execution", default="compiled", choices=["compiled", "eager"],
                    help="compiled: vLLM's default (torch.compile); eager: enforce_eager=True, for both engines")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
@@ -154,19 +174,24 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.halves < 2 or args.halves % 2:
+        p.error(f"--halves must be an even number of at least 2 (got {args.halves}), so that as many halves "
+                "start stock's engine first as TIDE's")
     second = ("stock", "eager") if args.control_eager else ("stock" if args.control else "tide", args.execution)
     slots = {"stock": ("stock", args.execution), "tide": second}
     results = {"control": args.control, "control_eager": args.control_eager, "model": args.model, "router": args.router, "threshold": args.threshold, "min_layer": args.min_layer,
-               "dtype": args.dtype, "execution": args.execution, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
-               "protocol": "two halves (stock started first, then TIDE started first), pairs alternating A B / B A; "
-                           "ratio = geometric mean of the halves' median per-pair ratios",
+               "dtype": args.dtype, "execution": args.execution, "repeats": args.repeats, "halves": args.halves,
+               "date": time.strftime("%Y-%m-%d"),
+               "protocol": "halves with fresh engines, alternately stock started first and TIDE started first, "
+                           "pairs alternating A B / B A; ratio = geometric mean of the halves' median per-pair ratios",
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                            "python": platform.python_version()}, "modes": {}}
-    runs = {mode: {half: {"stock": [], "tide": []} for half in START_ORDERS} for mode in args.modes}
-    for half in START_ORDERS:
+    halves = half_names(args.halves)
+    runs = {mode: {half: {"stock": [], "tide": []} for half in halves} for mode in args.modes}
+    for half in halves:
         engines = {}
         try:
-            for slot in START_ORDERS[half]:
+            for slot in start_order(half):
                 kind, execution = slots[slot]
                 engines[slot] = Engine(kind, args, execution)
             for mode in args.modes:
@@ -182,8 +207,8 @@ def main() -> None:
     for mode in args.modes:
         results["modes"][mode] = m = summarize(runs[mode])
         print(f"{mode:>10}: stock {m['stock_tok_s']:8.1f} tok/s  tide {m['tide_tok_s']:8.1f} tok/s  "
-              f"ratio {m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}] (halves "
-              f"{m['ratio_stock_first']:.3f}, {m['ratio_tide_first']:.3f})  skipped {m['skipped_layer_fraction']:.3f}  "
+              f"ratio {m['ratio']:.3f} [{m['ratio_min']:.3f}-{m['ratio_max']:.3f}] (stock first "
+              f"{m['ratio_stock_first']:.3f}, TIDE first {m['ratio_tide_first']:.3f})  skipped {m['skipped_layer_fraction']:.3f}  "
               f"partial {m['partial_layer_fraction']:.3f}  exits {m['exits']:.0f} (deferred {m['deferred_exits']:.0f})", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -137,6 +137,23 @@ def test_speed_ratio_cancels_the_start_order_factor():
     assert m["ratio"] == pytest.approx(r, rel=0.011)
     assert m["ratio_min"] < r / f * 1.011 and m["ratio_max"] > r * f / 1.011
     assert m["skipped_layer_fraction"] == 0.1 and m["stock_tok_s"] == 64
+    # more halves: each pair of engine processes also has its own factor (g, h), which averages down
+    assert speed.half_names(4) == ["stock_first", "tide_first", "stock_first_2", "tide_first_2"]
+    g, h = 1.1, 0.95
+    m = speed.summarize({"stock_first": half(f * g), "tide_first": half(h / f), "stock_first_2": half(f / g),
+                         "tide_first_2": half(1 / (f * h))})
+    assert m["ratio"] == pytest.approx(r, rel=0.011) and len(m["ratio_per_half"]) == 4
+    assert m["ratio_stock_first"] == pytest.approx(r * f, rel=0.011)
+    assert m["ratio_tide_first"] == pytest.approx(r / f, rel=0.011)
+
+
+@pytest.mark.parametrize("halves", ["3", "0"])
+def test_speed_benchmark_rejects_odd_halves(halves):
+    """One sentence before any engine starts (an odd count would not cancel the start-order factor)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speed.py"), "--halves", halves],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--halves must be an even number of at least 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.e2e
