@@ -255,7 +255,8 @@ void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const 
 // straight from global memory left every warp waiting on each 8-column step (v3, 2026-11-30 on an H200:
 // ~1.3 us per step, 1.2x the twin at 4,096 tokens). Measured with that (H200, D=4096, B=128, device time):
 // 50 us at 512 tokens (twin 98, CUDA-core kernel 95) and 267 us at 4,096 (twin 423, CUDA-core 675), still
-// ~8 us per 64-column stage against a predicted ~1; the cause is not yet profiled (see issue #4's notes).
+// ~8 us per 64-column stage against a predicted ~1: its inner loop issues 8.5 instructions per HMMA with
+// 2 warps per scheduler (`bash scripts/sass_report.sh`); csrc/pending/ holds the rework.
 // Precision stays fp32's: the staged input is the model-dtype norm output, which tf32 holds exactly
 // (bf16 and fp16 have at most 11 significant bits), and each fp32 weight is split into a tf32 part and a
 // tf32 remainder, so two products give the weight to ~2^-21 (tf32 alone would be ~1e-3).
