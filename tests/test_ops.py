@@ -207,20 +207,25 @@ def router_path(request, monkeypatch):
     return request.param
 
 
-@cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", SIZES + [4096])
-@pytest.mark.parametrize("d,b", [(576, 128), (896, 128), (4096, 128), (570, 96)])   # 570: the unvectorised path
-def test_cuda_router_score(dtype, n, d, b, router_path):
+def check_router_score(dtype, n, d, b):
+    """The CUDA op against the twin on fresh random inputs: scores to 1e-4, and every exit decision
+    clear of the threshold (borderline scores may flip)."""
     args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
             torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
     gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
     s_ref, f_ref = ref.router_score(*args)
     s, f = torch.ops.tide.router_score(*gpu)
     assert rel_err(s.cpu(), s_ref) < 1e-4
-    # borderline scores may flip; everything clear of the threshold must agree
     clear = (s_ref - 0.5).abs() > 1e-3
     assert torch.equal(f.cpu()[clear], f_ref[clear])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES + [4096])
+@pytest.mark.parametrize("d,b", [(576, 128), (896, 128), (4096, 128), (570, 96)])   # 570: the unvectorised path
+def test_cuda_router_score(dtype, n, d, b, router_path):
+    check_router_score(dtype, n, d, b)
 
 
 @cuda
@@ -230,14 +235,7 @@ def test_cuda_router_score(dtype, n, d, b, router_path):
 def test_cuda_router_score_tensor_core_shapes(dtype, n, d, b, router_path):
     """The tensor-core path's edges: 1 to 16 column tiles (odd counts split unevenly over warps), token
     counts off its 64-token tile, hidden sizes from one 8-column step up; B > 256 and D % 8 != 0 fall back."""
-    args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
-            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
-    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    s_ref, f_ref = ref.router_score(*args)
-    s, f = torch.ops.tide.router_score(*gpu)
-    assert rel_err(s.cpu(), s_ref) < 1e-4
-    clear = (s_ref - 0.5).abs() > 1e-3
-    assert torch.equal(f.cpu()[clear], f_ref[clear])
+    check_router_score(dtype, n, d, b)
 
 
 @cuda
