@@ -13,7 +13,6 @@ Every op is timed two ways (medians of single calls between CUDA events, after w
 """
 import argparse
 import json
-import os
 import time
 
 import torch
@@ -25,8 +24,6 @@ from vllm_tide.ops import reference as ref
 LLAMA3_8B = dict(D=4096, B=128, KV_HEADS=8, HD=128, DEEP=16, TOKENS=(1, 8, 64, 512, 4096), NBLOCKS=4096,
                  COPY_BYTES=1 << 28, MM=8192, REPS=30)   # DEEP: layers filled after an exit at layer 15 of 32
 SMOKE = dict(D=64, B=16, KV_HEADS=2, HD=16, DEEP=2, TOKENS=(1, 33), NBLOCKS=8, COPY_BYTES=1 << 16, MM=64, REPS=3)
-# router_score's kernel is chosen by token count (TIDE_ROUTER_TC_MIN_TOKENS overrides the threshold)
-ROUTER_PATHS = {"tensor_cores": "0", "cuda_cores": str(1 << 30)}
 GOAL_ROUTER_SPEEDUP, GOAL_WRITE_FRACTION, GOAL_WRITE_MIN_TOKENS = 2.0, 0.70, 512
 
 
@@ -112,11 +109,10 @@ def main():
         active = torch.ones(n, dtype=torch.bool, device=dev)
         r_args = (x, nw, 1e-5, w1, b1, w2, b2, 0.5, active)
         row("router_score", n, lambda: torch.ops.tide.router_score(*r_args), lambda: ref.router_score(*r_args))
-        for path, min_tokens in ROUTER_PATHS.items():   # each kernel forced, to see where they cross
-            os.environ["TIDE_ROUTER_TC_MIN_TOKENS"] = min_tokens
-            row(f"router_score:{path}", n, lambda: torch.ops.tide.router_score(*r_args),
-                lambda: ref.router_score(*r_args))
-        os.environ.pop("TIDE_ROUTER_TC_MIN_TOKENS", None)
+        for kernel in ops.FORCE_ROUTER_KERNEL:   # each kernel forced, to see where they cross
+            with ops.forced_router_kernel(kernel):
+                row(f"router_score:{kernel}", n, lambda: torch.ops.tide.router_score(*r_args),
+                    lambda: ref.router_score(*r_args))
         mask = torch.rand(n, device=dev) > 0.5
         row("compact", n, lambda: torch.ops.tide.compact(mask), lambda: ref.compact(mask))
         pos = torch.randint(0, 8192, (n,), device=dev)

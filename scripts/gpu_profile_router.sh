@@ -18,10 +18,10 @@ cmake -S "$src" -B build/ops-prof -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS=9
   && cmake --build build/ops-prof -j 16 >>"$OUT/prof_build.log" 2>&1 || { tail -30 "$OUT/prof_build.log"; exit 1; }
 export TIDE_OPS_LIBRARY=$(ls "$PWD"/build/ops-prof/*tide_ops*.so) PYTHONPATH=$src
 cat >/tmp/drive_router.py <<'PYEOF'
-import os, sys, torch
-import vllm_tide.ops  # noqa: F401  (loads the library)
+import sys, torch
+import vllm_tide.ops as ops   # loads the library
 n, path = int(sys.argv[1]), sys.argv[2]
-os.environ["TIDE_ROUTER_TC_MIN_TOKENS"] = "0" if path == "tc" else str(1 << 30)
+ops.forced_router_kernel("tensor_cores" if path == "tc" else "cuda_cores").__enter__()
 D, B, dev = 4096, 128, "cuda"
 args = (torch.randn(n, D, device=dev, dtype=torch.bfloat16), torch.rand(D, device=dev) + 0.5, 1e-5,
         torch.randn(B, D, device=dev) / D ** 0.5, torch.randn(B, device=dev) * 0.1, torch.randn(B, device=dev) / B ** 0.5,

@@ -1,5 +1,7 @@
 """TIDE ops: PyTorch twins against direct definitions (CPU, always), CUDA kernels against the twins
 (GPU only). Fresh random inputs each run; outputs poisoned first so unwritten elements are caught."""
+import os
+
 import pytest
 import torch
 
@@ -196,15 +198,25 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops.CUDA_LIBRARY),
                           reason="needs a CUDA device and the ops library built with `make ops`")
 
 
+def test_forced_router_kernel_restores_the_callers_setting(monkeypatch):
+    """Benchmarks and tests force one router kernel at a time; a threshold the user set survives them."""
+    env = ops.ROUTER_TC_MIN_TOKENS_ENV
+    monkeypatch.setenv(env, "7")
+    with ops.forced_router_kernel("tensor_cores"):
+        assert os.environ[env] == "0"
+    assert os.environ[env] == "7"
+    monkeypatch.delenv(env)
+    with ops.forced_router_kernel("cuda_cores"):
+        assert int(os.environ[env]) > 100_000
+    assert env not in os.environ
+
+
 # router_score picks its kernel by token count; these force one (fp32 input and unsupported shapes
 # fall back to the CUDA-core kernel even when tensor cores are forced, and must stay right)
-ROUTER_PATHS = {"tensor_cores": "0", "cuda_cores": str(1 << 30)}
-
-
-@pytest.fixture(params=list(ROUTER_PATHS))
-def router_path(request, monkeypatch):
-    monkeypatch.setenv("TIDE_ROUTER_TC_MIN_TOKENS", ROUTER_PATHS[request.param])
-    return request.param
+@pytest.fixture(params=list(ops.FORCE_ROUTER_KERNEL))
+def router_path(request):
+    with ops.forced_router_kernel(request.param):
+        yield request.param
 
 
 def check_router_score(dtype, n, d, b):
@@ -259,13 +271,7 @@ def test_cuda_router_score_unaligned_weights(dtype, n, router_path):
 @pytest.mark.parametrize("n", [1, 33, 1025])
 def test_cuda_router_score_float64_input(n):
     """Double inputs are dispatched too; their staged input cannot take the 8-byte half-precision loads."""
-    d, b = 576, 128
-    args = [torch.randn(n, d, dtype=torch.float64) * 2, torch.rand(d) + 0.5, 1e-5, torch.randn(b, d) / d ** 0.5,
-            torch.randn(b) * 0.1, torch.randn(b) / b ** 0.5, torch.randn(1), 0.5, torch.rand(n) > 0.2]
-    gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    s_ref, _ = ref.router_score(*args)
-    s, _ = torch.ops.tide.router_score(*gpu)
-    assert rel_err(s.cpu(), s_ref) < 1e-4
+    check_router_score(torch.float64, n, 576, 128)
 
 
 @cuda

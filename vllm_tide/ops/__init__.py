@@ -11,6 +11,7 @@ that no op is dead code. This module imports without vLLM.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import logging
 import os
@@ -79,6 +80,25 @@ def _load_cuda_library() -> str | None:
 
 
 CUDA_LIBRARY = _load_cuda_library()
+
+# The CUDA library has two router_score kernels, chosen by token count (CUDA cores, then tf32 tensor
+# cores from 256 tokens). This variable, read on every call, moves the switch; these values force one.
+ROUTER_TC_MIN_TOKENS_ENV = "TIDE_ROUTER_TC_MIN_TOKENS"
+FORCE_ROUTER_KERNEL = {"tensor_cores": "0", "cuda_cores": str(1 << 30)}
+
+
+@contextlib.contextmanager
+def forced_router_kernel(kernel: str):
+    """Run router_score with one kernel ("tensor_cores" or "cuda_cores"), restoring the variable after."""
+    before = os.environ.get(ROUTER_TC_MIN_TOKENS_ENV)
+    os.environ[ROUTER_TC_MIN_TOKENS_ENV] = FORCE_ROUTER_KERNEL[kernel]
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ROUTER_TC_MIN_TOKENS_ENV]
+        else:
+            os.environ[ROUTER_TC_MIN_TOKENS_ENV] = before
 ACTIVE_PATH = (f"CUDA kernels from {CUDA_LIBRARY}" if CUDA_LIBRARY else
                "PyTorch reference ops" + (" (CUDA library not built: run `make ops`)" if torch.cuda.is_available() else ""))
 logger.info("TIDE ops: %s", ACTIVE_PATH)
