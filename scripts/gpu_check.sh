@@ -2,13 +2,14 @@
 # One call on a GPU machine (no vLLM needed): build the CUDA ops, test them against the PyTorch twins,
 # benchmark them at Llama-3-8B shapes, print a table. Results go to $OUT (or outputs/) as well.
 #
-# It does this twice: for the kernels on main, then for main + each patch in csrc/pending/ (applied to
-# a copy in a temporary folder), so one device call says whether the pending rework is correct and faster.
+# It does this for the kernels on main, then for main + the patches in csrc/pending/ (applied in name
+# order to copies in a temporary folder), so one device call says whether the pending rework is correct and
+# faster; if the whole stack fails to build or test, the stack without its last patch is checked, and so on.
 # Then it runs the calibration tests that need a GPU (`--device cuda` against the CPU) and, last, the
 # compiled-layer tests on CUDA (segments, scored and final segments and partial layers through dynamo and inductor).
 #
 # `bash scripts/gpu_check.sh --pending-only` checks only main + the pending patches (build, op tests,
-# benchmark): for a second call in one session, when main's results are already in hand.
+# benchmark, then the compiled-layer tests with the stack that passed): when main's results are in hand.
 set -uo pipefail
 PENDING_ONLY=0; [ "${1:-}" = "--pending-only" ] && PENDING_ONLY=1
 cd "$(dirname "$0")/.."
@@ -19,31 +20,51 @@ ARCHS=${TIDE_CUDA_ARCHS:-90}
 TORCH_PREFIX=$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 
-check() {   # check NAME SOURCE_ROOT: build, op tests, benchmark
-  local name=$1 root=$2 bdir=$PWD/build/ops-$1
-  echo "==== $name: build"
-  cmake -S "$root" -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS="$ARCHS" \
-    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" >"$OUT/build_$name.log" 2>&1 \
-    && cmake --build "$bdir" -j 16 >>"$OUT/build_$name.log" 2>&1 || { tail -40 "$OUT/build_$name.log"; return 1; }
-  local lib; lib=$(ls "$bdir"/*tide_ops*.so) && echo "built $lib"
-  echo "==== $name: op tests (CUDA kernels vs PyTorch twins)"
+build() {   # build NAME SOURCE_ROOT
+  local bdir=$PWD/build/ops-$1
+  cmake -S "$2" -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS="$ARCHS" \
+    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" >"$OUT/build_$1.log" 2>&1 \
+    && cmake --build "$bdir" -j 16 >>"$OUT/build_$1.log" 2>&1
+}
+
+check() {   # check NAME SOURCE_ROOT (built): op tests, then the benchmark if they pass
+  local name=$1 root=$2 lib
+  lib=$(ls "$PWD/build/ops-$name"/*tide_ops*.so 2>/dev/null) || { echo "==== $name: build failed"; tail -40 "$OUT/build_$name.log"; return 1; }
+  echo "==== $name: op tests (CUDA kernels vs PyTorch twins), $lib"
   (cd "$root" && TIDE_OPS_LIBRARY=$lib PYTHONPATH=. $PY -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda) \
     2>&1 | tee "$OUT/tests_$name.log" | tail -15
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "==== $name: op tests failed"; return 1; }
   echo "==== $name: benchmark"
   (cd "$root" && TIDE_OPS_LIBRARY=$lib PYTHONPATH=. $PY benchmarks/ops_bench.py --json "$OUT/ops_bench_$name.json") \
     2>&1 | tee "$OUT/bench_$name.log"
 }
 
-[ $PENDING_ONLY = 1 ] || check main "$PWD"
+[ $PENDING_ONLY = 1 ] || { build main "$PWD"; check main "$PWD"; }
 patches=(csrc/pending/*.patch)
 if [ -e "${patches[0]}" ]; then
-  src=$(mktemp -d)/src   # outside the repo, so git apply patches this copy and nothing else
-  mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests benchmarks "$src"/
-  for p in "${patches[@]}"; do
-    (cd "$src" && { git apply "$OLDPWD/$p" 2>/dev/null || patch -s -p1 <"$OLDPWD/$p"; }) \
-      || { echo "pending patch $p does not apply"; exit 1; }
+  # main + the first k patches, for every k, each in its own copy (outside the repo, so git apply patches
+  # that copy and nothing else); all built at once, then checked from the whole stack down: a patch that
+  # breaks the build or the tests still leaves the ones before it measured.
+  base=$(mktemp -d); roots=()
+  for k in $(seq 1 ${#patches[@]}); do
+    src=$base/pending-$k; mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests benchmarks scripts "$src"/
+    for p in "${patches[@]:0:k}"; do
+      (cd "$src" && git apply "$OLDPWD/$p") || { echo "pending patch $p does not apply"; exit 1; }
+    done
+    roots+=("$src")
   done
-  check pending "$src"
+  echo "==== building main + pending patches 1..k for k = 1..${#patches[@]}: ${patches[*]}"
+  for k in $(seq 1 ${#patches[@]}); do build pending-$k "${roots[k-1]}" & done
+  wait
+  for k in $(seq ${#patches[@]} -1 1); do
+    if check pending-$k "${roots[k-1]}"; then good=$k; break; fi
+  done
+  if [ -n "${good:-}" ]; then
+    echo "==== pending-$good passed (patches: ${patches[*]:0:good}); compiled layers on CUDA with it"
+    (cd "${roots[good-1]}" && TIDE_OPS_LIBRARY=$(ls "$OLDPWD/build/ops-pending-$good"/*tide_ops*.so) PYTHONPATH=. \
+      $PY -m pytest -q -p no:cacheprovider tests/test_compiled_layers.py -k cuda -rs) 2>&1 \
+      | tee "$OUT/tests_compiled_layers_pending.log" | tail -8
+  fi
 fi
 [ $PENDING_ONLY = 1 ] && exit 0
 

@@ -13,6 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PENDING = sorted(glob.glob(os.path.join(ROOT, "csrc", "pending", "*.patch")))
+PATCHED_FOLDERS = ("csrc", "tests", "vllm_tide", "benchmarks", "scripts")   # what scripts/gpu_check.sh copies
 
 
 def nvcc_compile(source, tmp_path):
@@ -40,8 +41,8 @@ def test_cuda_sources_compile(tmp_path):
 @pytest.mark.skipif(not PENDING, reason="no pending CUDA patch")
 def test_pending_cuda_patch_applies_and_compiles(tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(os.path.join(ROOT, "csrc"), src / "csrc")
-    shutil.copytree(os.path.join(ROOT, "tests"), src / "tests")
+    for folder in PATCHED_FOLDERS:   # the patches also touch the op tests, dispatch and benchmark
+        shutil.copytree(os.path.join(ROOT, folder), src / folder)
     for patch in PENDING:   # tmp_path is outside the repository, so git apply patches this copy only
         out = subprocess.run(["git", "apply", patch], cwd=src, capture_output=True, text=True)
         assert out.returncode == 0, f"{os.path.basename(patch)} no longer applies: {out.stderr}"
