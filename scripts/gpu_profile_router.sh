@@ -9,7 +9,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 src=$(mktemp -d)/src
-mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests "$src"/
+mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests benchmarks scripts "$src"/
 for p in csrc/pending/*.patch; do   # the patches touch tests/ too: copy it, and stop if one fails
   [ -e "$p" ] && { (cd "$src" && git apply "$OLDPWD/$p") || { echo "pending patch $p does not apply"; exit 1; }; }
 done
