@@ -22,8 +22,10 @@ from vllm_tide.kv_cache import SPLIT_CONTENT, cache_views
 from vllm_tide.ops import reference as ref
 
 LLAMA3_8B = dict(D=4096, B=128, KV_HEADS=8, HD=128, DEEP=16, TOKENS=(1, 8, 64, 512, 4096), NBLOCKS=4096,
-                 COPY_BYTES=1 << 28, MM=8192, REPS=30)   # DEEP: layers filled after an exit at layer 15 of 32
-SMOKE = dict(D=64, B=16, KV_HEADS=2, HD=16, DEEP=2, TOKENS=(1, 33), NBLOCKS=8, COPY_BYTES=1 << 16, MM=64, REPS=3)
+                 COPY_BYTES=1 << 28, MM=8192, REPS=30,
+                 SWEEP=(2, 4, 16, 32, 128, 256, 1024, 2048, 16384))   # router kernels only: where they cross   # DEEP: layers filled after an exit at layer 15 of 32
+SMOKE = dict(D=64, B=16, KV_HEADS=2, HD=16, DEEP=2, TOKENS=(1, 33), NBLOCKS=8, COPY_BYTES=1 << 16, MM=64, REPS=3,
+             SWEEP=(2,))
 GOAL_ROUTER_SPEEDUP, GOAL_WRITE_FRACTION, GOAL_WRITE_MIN_TOKENS = 2.0, 0.70, 512
 
 
@@ -85,7 +87,8 @@ def main():
     mm_tflops = 2 * S["MM"] ** 3 / timed(lambda: a @ a, reps=max(2, REPS // 2))[1] / 1e9
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "copy_GBps": copy_gbs, "bf16_matmul_TFLOPs": mm_tflops,
-               "shapes": {k: v for k, v in S.items() if k not in ("COPY_BYTES", "MM", "REPS")}, "rows": []}
+               "shapes": {k: v for k, v in S.items() if k not in ("COPY_BYTES", "MM", "REPS", "SWEEP")}, "rows": [],
+               "router_sweep": []}
     w1, b1 = torch.randn(B, D, device=dev) / D ** 0.5, torch.randn(B, device=dev) * 0.1
     w2, b2 = torch.randn(B, device=dev) / B ** 0.5, torch.randn(1, device=dev)
     nw = torch.rand(D, device=dev) + 0.5
@@ -109,7 +112,7 @@ def main():
         active = torch.ones(n, dtype=torch.bool, device=dev)
         r_args = (x, nw, 1e-5, w1, b1, w2, b2, 0.5, active)
         row("router_score", n, lambda: torch.ops.tide.router_score(*r_args), lambda: ref.router_score(*r_args))
-        for kernel in ops.FORCE_ROUTER_KERNEL:   # each kernel forced, to see where they cross
+        for kernel in ops.ROUTER_KERNELS:   # each kernel forced, to see where they cross
             with ops.forced_router_kernel(kernel):
                 row(f"router_score:{kernel}", n, lambda: torch.ops.tide.router_score(*r_args),
                     lambda: ref.router_score(*r_args))
@@ -130,6 +133,16 @@ def main():
         gbs = moved / op_dev / 1e6
         results["rows"][-1].update(GBps=gbs, fraction_of_copy=gbs / copy_gbs,
                                    note=f"{gbs:.0f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy bandwidth")
+
+    for n in S["SWEEP"]:                    # more token counts, router kernels only (device time)
+        x = torch.randn(n, D, device=dev, dtype=bf)
+        r_args = (x, nw, 1e-5, w1, b1, w2, b2, 0.5, torch.ones(n, dtype=torch.bool, device=dev))
+        entry = {"tokens": n, "twin_device_ms": timed(lambda: ref.router_score(*r_args))[1]}
+        for kernel in ops.ROUTER_KERNELS:
+            with ops.forced_router_kernel(kernel):
+                entry[f"{kernel}_call_ms"], entry[f"{kernel}_device_ms"] = timed(
+                    lambda: torch.ops.tide.router_score(*r_args))
+        results["router_sweep"].append(entry)
 
     results["goals"] = goals(results["rows"])
     report(results)
@@ -158,6 +171,10 @@ def report(results):
         print(f"{e['op']:<26} {e['tokens']:>6} {e['cuda_call_ms']:>8.4f} {e['twin_call_ms']:>8.4f} "
               f"{e['speedup_call']:>6.1f}x   {e['cuda_device_ms']:>8.4f} {e['twin_device_ms']:>8.4f} "
               f"{e['speedup_device']:>6.1f}x  {e.get('note', '')}")
+    print("router kernels forced, device ms (call ms): " + ", ".join(ops.ROUTER_KERNELS))
+    for e in results["router_sweep"]:
+        print(f"  {e['tokens']:>6} tokens  twin {e['twin_device_ms']:.4f}  " + "  ".join(
+            f"{k} {e[k + '_device_ms']:.4f} ({e[k + '_call_ms']:.4f})" for k in ops.ROUTER_KERNELS))
     g = results["goals"]
     print(f"goal: router_score >= {GOAL_ROUTER_SPEEDUP:.0f}x the twin at every size: worst "
           f"{g['router_min_speedup_call']:.2f}x per call, {g['router_min_speedup_device']:.2f}x on the device")

@@ -10,6 +10,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -173,8 +176,12 @@ __global__ void __launch_bounds__(THREADS) router_score_kernel(const T* __restri
   }
 }
 
-// Finishes a split router_score_kernel: one warp per token adds the column chunks' partial dot products.
-__global__ void router_finish_kernel(const float* __restrict__ part, int splits, int rows, const float* __restrict__ b1,
+// Finishes a split router product: one warp per token adds the partial dot products (column chunks, or
+// the cuBLAS path's three weight parts), then applies SiLU, the up-projection, sigmoid, threshold and mask.
+// Partial sum q of token t, unit j is part[q * split_stride + t * row_stride + j] (split kernels write
+// [splits, rows, B]; the cuBLAS path writes [N, 3 * B]).
+__global__ void router_finish_kernel(const float* __restrict__ part, int splits, size_t split_stride,
+                                     size_t row_stride, const float* __restrict__ b1,
                                      const float* __restrict__ w2, const float* __restrict__ b2, float threshold,
                                      const bool* __restrict__ active, float* __restrict__ score,
                                      bool* __restrict__ exit_mask, int n, int b) {
@@ -183,7 +190,10 @@ __global__ void router_finish_kernel(const float* __restrict__ part, int splits,
   float c = 0.f;
   for (int j = lane; j < b; j += 32) {
     float h = b1[j];
-    for (int q = 0; q < splits; ++q) h += part[((size_t)q * rows + t) * b + j];
+    // unrolled so that the chunks' loads are all in flight before the adds (same order, same result):
+    // rolled, one warp waited on each load in turn (8 us at one token on an H200, the kernel itself 11)
+#pragma unroll 8
+    for (int q = 0; q < splits; ++q) h += part[q * split_stride + t * row_stride + j];
     c += h / (1.f + __expf(-h)) * w2[j];
   }
   c = warp_sum(c);
@@ -201,6 +211,18 @@ int multiprocessor_count(int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   if (device < 64) cached[device] = sms;
   return sms;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory. cudaFuncSetAttribute is a driver call, so
+// it is made once per kernel, device and size rather than on every launch (the op runs every step).
+template <typename K> void allow_dynamic_smem(K* kernel, size_t bytes, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
+  const std::lock_guard<std::mutex> lock(mu);
+  size_t& have = allowed[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= have) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+  have = bytes;
 }
 
 template <typename T, int TOKN>
@@ -231,8 +253,7 @@ void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const 
   if (split) part = at::empty({col_splits, n, b}, x.options().dtype(at::kFloat));
   const size_t smem = (size_t)TOKN * chunk * sizeof(T);
   auto kernel = split ? router_score_kernel<T, TOKN, TOKN == 1> : router_score_kernel<T, TOKN, false>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  if (smem > 48 * 1024) allow_dynamic_smem(kernel, smem, x.get_device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<dim3(token_blocks, col_splits, row_splits), THREADS, smem, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(),
@@ -240,7 +261,8 @@ void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const 
       score.data_ptr<float>(), ex.data_ptr<bool>(), n, d, b, vec, chunk, rows_per,
       split ? part.data_ptr<float>() : nullptr);
   if (split)
-    router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), col_splits, n, B1.data_ptr<float>(),
+    router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), col_splits, (size_t)n * b, b,
+                                                          B1.data_ptr<float>(),
                                                           W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold,
                                                           act.data_ptr<bool>(), score.data_ptr<float>(),
                                                           ex.data_ptr<bool>(), n, b);
@@ -263,22 +285,91 @@ void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const 
 // Only fp16/bf16 inputs take this path (fp32 inputs are not exact in tf32), with D % 8 == 0, B % 16 == 0,
 // B <= 256 and 32-byte aligned weights (fragment loads); everything else takes router_score_kernel.
 constexpr int TC_TOKENS = 64;            // tokens per block: 4 row tiles of 16
-constexpr int TC_THREADS = 256;          // 8 warps: row tile = warp % 4, column tiles of parity warp / 4
+constexpr int TC_THREADS = 256;          // 8 warps: 2 row pairs x 4 column groups
 constexpr int TC_KC = 64;                // hidden columns staged in shared memory per step
 constexpr int TC_LDZ = TC_KC + 8;        // padded staged input row (fragment rows stay 32-byte aligned)
 constexpr int TC_LDW = TC_KC + 4;        // padded weight row (16-byte aligned for the copies; 32 for fragments
                                          // since fragments start at multiples of 16 rows)
 constexpr int TC_MIN_CHUNK = 256;        // hidden columns per block at least (each block re-reads its rows' norms)
-constexpr int TC_DEFAULT_MIN_TOKENS = 256;   // H200, D=4096, B=128: CUDA cores 27 us at 64 tokens, 95 at 512; tensor cores 48-50 (2026-11-30)
 
-// Token count from which router_score takes the tensor-core path. TIDE_ROUTER_TC_MIN_TOKENS overrides it
-// (read on every call, so tests and benchmarks can force either path: 0 = always, a huge value = never).
-int tc_min_tokens() {
-  const char* v = std::getenv("TIDE_ROUTER_TC_MIN_TOKENS");
-  return v && *v ? std::atoi(v) : TC_DEFAULT_MIN_TOKENS;
+// Auto: tensor cores from this many tokens (H200, D=4096, B=128: CUDA cores 27 us at 64 tokens, 95 at
+// 512; tensor cores 48-50, 2026-11-30).
+constexpr int ROUTER_TC_MIN_TOKENS = 256;
+
+// Which kernel router_score uses. TIDE_ROUTER_KERNEL (read on every call, so tests and benchmarks can
+// force one) is "cuda_cores", "tensor_cores" or "cublas"; unset or "auto" picks by token count. A forced
+// kernel that cannot take the call (dtype, shape, alignment) falls back to the CUDA-core kernel.
+enum class RouterKernel { kAuto, kCudaCores, kTensorCores, kCublas };
+
+RouterKernel router_kernel_setting() {
+  const char* v = std::getenv("TIDE_ROUTER_KERNEL");
+  if (!v || !*v || !std::strcmp(v, "auto")) return RouterKernel::kAuto;
+  if (!std::strcmp(v, "cuda_cores")) return RouterKernel::kCudaCores;
+  if (!std::strcmp(v, "tensor_cores")) return RouterKernel::kTensorCores;
+  if (!std::strcmp(v, "cublas")) return RouterKernel::kCublas;
+  TORCH_CHECK(false, "TIDE_ROUTER_KERNEL is '", v, "': set it to auto, cuda_cores, tensor_cores or cublas, or unset it.");
 }
 
-template <typename T, int NQ>            // NQ: column tiles per warp (B / 32, rounded up)
+// tf32 keeps a float's sign, exponent and top 10 mantissa bits. Cutting the other 13 off is exact, so
+// w = hi + lo with hi = cut(w) and lo = w - hi exactly; cut(lo) drops lo's own low bits (~2^-21 |w|).
+// Two plain bit operations and a subtraction, where __float_to_tf32 is an emulated rounding sequence.
+__device__ __forceinline__ float tf32_cut(float v) { return __uint_as_float(__float_as_uint(v) & 0xffffe000u); }
+
+// Stage s's weight tile, rows [0, b) x columns [k0, k0 + kc) of this block's chunk, into shared memory by
+// asynchronous 16-byte copies (no registers held while they fly).
+__device__ __forceinline__ void tc_issue_weights(float* dst, const float* __restrict__ src, int d, int b, int kc,
+                                                 int tid) {
+  if (kc == TC_KC) {                     // full stages (all but a chunk's last): shifts, not divisions
+    constexpr int PER_ROW = TC_KC / 4;
+    for (int e = tid; e < b * PER_ROW; e += TC_THREADS) {
+      const int j = e / PER_ROW, m = (e % PER_ROW) * 4;
+      __pipeline_memcpy_async(dst + j * TC_LDW + m, src + (size_t)j * d + m, 16);
+    }
+  } else {
+    const int per_row = kc / 4;
+    for (int e = tid; e < b * per_row; e += TC_THREADS) {
+      const int j = e / per_row, m = (e - j * per_row) * 4;
+      __pipeline_memcpy_async(dst + j * TC_LDW + m, src + (size_t)j * d + m, 16);
+    }
+  }
+  __pipeline_commit();
+}
+
+template <typename T, int XV>
+__device__ __forceinline__ void tc_load_input(uint4 (&xr)[XV], const T* __restrict__ x, int t0, int nv, int d,
+                                              int col, int kc, int tid) {
+  constexpr int VEC = 16 / sizeof(T);
+#pragma unroll
+  for (int v = 0; v < XV; ++v) {
+    const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
+    xr[v] = t < nv && i < kc ? *reinterpret_cast<const uint4*>(x + (size_t)(t0 + t) * d + col + i)
+                             : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// The model's norm output, rounded to its dtype as the model does, as floats (exact in tf32).
+template <typename T, int XV>
+__device__ __forceinline__ void tc_stage_input(float* zb, const uint4 (&xr)[XV], const float* rstd,
+                                               const float* __restrict__ norm_w, int nv, int col, int kc, int tid) {
+  constexpr int VEC = 16 / sizeof(T);
+#pragma unroll
+  for (int v = 0; v < XV; ++v) {
+    const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
+    const T* h = reinterpret_cast<const T*>(&xr[v]);
+    float* dst = zb + t * TC_LDZ + i;
+    if (t < nv && i < kc) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dst[k] = to_f(from_f<T>(to_f(h[k]) * rstd[t] * norm_w[col + i + k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dst[k] = 0.f;
+    }
+  }
+}
+
+// Warp w computes 2 row tiles (32 tokens: w % 2) x NQ column tiles (every 4th from w / 2), so each
+// weight fragment it splits serves two products.
+template <typename T, int NQ>            // NQ: column tiles per warp (B / 64, rounded up)
 __global__ void __launch_bounds__(TC_THREADS) router_down_tc_kernel(const T* __restrict__ x,
                                     const float* __restrict__ norm_w, float eps, const float* __restrict__ w1,
                                     int n, int d, int b, int chunk, int rows, float* __restrict__ part) {
@@ -286,64 +377,24 @@ __global__ void __launch_bounds__(TC_THREADS) router_down_tc_kernel(const T* __r
   using namespace nvcuda;
   constexpr int VEC = 16 / sizeof(T);    // elements per 16-byte load
   constexpr int XV = TC_TOKENS * TC_KC / VEC / TC_THREADS;   // input vectors per thread per stage
-  extern __shared__ __align__(128) unsigned char tc_smem[];
-  float* wsm = reinterpret_cast<float*>(tc_smem);            // [2][b][TC_LDW]: weight tiles, double-buffered
-  float* zs = wsm + 2 * b * TC_LDW;                          // [2][TC_TOKENS][TC_LDZ]: staged norm output
+  extern __shared__ __align__(128) float tc_smem[];          // [2][b][TC_LDW] weights, then [2][64][TC_LDZ] input
   __shared__ float rstd[TC_TOKENS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t0 = blockIdx.x * TC_TOKENS, nv = min(TC_TOKENS, n - t0);
   const int c0 = blockIdx.y * chunk, cl = min(chunk, d - c0);
-  const int rt = warp & 3, par = warp >> 2, ntiles = b / 16;
+  const int rp = warp & 1, cg = warp >> 1, ntiles = b / 16;
   const int stages = (cl + TC_KC - 1) / TC_KC;
+  const int wbuf = b * TC_LDW, zoff = 2 * wbuf, zbuf = TC_TOKENS * TC_LDZ;
 
-  // A stage is TC_KC hidden columns. Its weight tile goes global -> shared with asynchronous copies (no
-  // registers held, many in flight), issued one stage ahead; its input goes through registers, loaded
-  // one stage ahead too, because it must be normalised and rounded before the product.
-  auto issue_weights = [&](int s) {
-    const int k0 = s * TC_KC, per_row = min(TC_KC, cl - k0) / 4;
-    float* dst = wsm + (s & 1) * b * TC_LDW;
-    const float* src = w1 + c0 + k0;
-    for (int e = tid; e < b * per_row; e += TC_THREADS) {
-      const int j = e / per_row, m = (e - j * per_row) * 4;
-      __pipeline_memcpy_async(dst + j * TC_LDW + m, src + (size_t)j * d + m, 16);
-    }
-    __pipeline_commit();
-  };
+  // stage 0's copies fly while the norms are computed
+  tc_issue_weights(tc_smem, w1 + c0, d, b, min(TC_KC, cl), tid);
   uint4 xr[XV];
-  auto load_input = [&](int s) {
-    const int k0 = s * TC_KC, kc = min(TC_KC, cl - k0);
-#pragma unroll
-    for (int v = 0; v < XV; ++v) {
-      const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
-      xr[v] = t < nv && i < kc ? *reinterpret_cast<const uint4*>(x + (size_t)(t0 + t) * d + c0 + k0 + i)
-                               : make_uint4(0, 0, 0, 0);
-    }
-  };
-  auto stage_input = [&](int s) {        // the model's norm output, rounded to its dtype as the model does
-    const int k0 = s * TC_KC, kc = min(TC_KC, cl - k0);
-    float* zb = zs + (s & 1) * TC_TOKENS * TC_LDZ;
-#pragma unroll
-    for (int v = 0; v < XV; ++v) {
-      const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
-      const T* h = reinterpret_cast<const T*>(&xr[v]);
-      float* dst = zb + t * TC_LDZ + i;
-      if (t < nv && i < kc) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) dst[k] = to_f(from_f<T>(to_f(h[k]) * rstd[t] * norm_w[c0 + k0 + i + k]));
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) dst[k] = 0.f;
-      }
-    }
-  };
-
-  issue_weights(0);                      // in flight while the norms are computed
-  load_input(0);
+  tc_load_input<T, XV>(xr, x, t0, nv, d, c0, min(TC_KC, cl), tid);
   for (int t = warp; t < TC_TOKENS; t += TC_THREADS / 32) {   // 1/rms per token, over the whole row
     float s = 0.f;
     if (t < nv) {
       const T* row = x + (size_t)(t0 + t) * d;
-#pragma unroll 8
+#pragma unroll 16
       for (int i = lane * VEC; i < d; i += 32 * VEC) {
         const uint4 u = *reinterpret_cast<const uint4*>(row + i);
         const T* h = reinterpret_cast<const T*>(&u);
@@ -355,49 +406,59 @@ __global__ void __launch_bounds__(TC_THREADS) router_down_tc_kernel(const T* __r
     if (lane == 0) rstd[t] = rsqrtf(s / d + eps);
   }
   __syncthreads();
-  stage_input(0);
+  tc_stage_input<T, XV>(tc_smem + zoff, xr, rstd, norm_w, nv, c0, min(TC_KC, cl), tid);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[NQ];
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][NQ];
 #pragma unroll
-  for (int q = 0; q < NQ; ++q) wmma::fill_fragment(acc[q], 0.f);
+  for (int q = 0; q < NQ; ++q) { wmma::fill_fragment(acc[0][q], 0.f); wmma::fill_fragment(acc[1][q], 0.f); }
   for (int s = 0; s < stages; ++s) {
     __pipeline_wait_prior(0);            // this thread's copies of stage s have landed
     __syncthreads();                     // everyone's have, stage s's input is staged, stage s-1 is consumed
-    if (s + 1 < stages) { issue_weights(s + 1); load_input(s + 1); }
+    const int k1 = (s + 1) * TC_KC;
+    if (k1 < cl) {
+      tc_issue_weights(tc_smem + ((s + 1) & 1) * wbuf, w1 + c0 + k1, d, b, min(TC_KC, cl - k1), tid);
+      tc_load_input<T, XV>(xr, x, t0, nv, d, c0 + k1, min(TC_KC, cl - k1), tid);
+    }
     const int kc = min(TC_KC, cl - s * TC_KC);                 // a multiple of 8
-    const float* wb = wsm + (s & 1) * b * TC_LDW;
-    const float* zb = zs + (s & 1) * TC_TOKENS * TC_LDZ;
-#pragma unroll 2
+    const float* wb = tc_smem + (s & 1) * wbuf;
+    const float* zb = tc_smem + zoff + (s & 1) * zbuf + rp * 32 * TC_LDZ;
     for (int kk = 0; kk < kc; kk += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a;
-      wmma::load_matrix_sync(a, zb + rt * 16 * TC_LDZ + kk, TC_LDZ);
-#pragma unroll
-      for (int e = 0; e < a.num_elements; ++e) a.x[e] = wmma::__float_to_tf32(a.x[e]);   // exact, see above
+      // the staged input holds bf16/fp16 values, which are tf32 numbers already: no conversion
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a0, a1;
+      wmma::load_matrix_sync(a0, zb + kk, TC_LDZ);
+      wmma::load_matrix_sync(a1, zb + 16 * TC_LDZ + kk, TC_LDZ);
 #pragma unroll
       for (int q = 0; q < NQ; ++q) {
-        const int ct = par + 2 * q;
+        const int ct = cg + 4 * q;
         if (ct < ntiles) {
           wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> hi, lo;
           wmma::load_matrix_sync(hi, wb + ct * 16 * TC_LDW + kk, TC_LDW);
 #pragma unroll
           for (int e = 0; e < hi.num_elements; ++e) {
-            const float v = hi.x[e], h = wmma::__float_to_tf32(v);
+            const float v = hi.x[e], h = tf32_cut(v);
             hi.x[e] = h;
-            lo.x[e] = wmma::__float_to_tf32(v - h);
+            lo.x[e] = tf32_cut(v - h);
           }
-          wmma::mma_sync(acc[q], a, lo, acc[q]);
-          wmma::mma_sync(acc[q], a, hi, acc[q]);
+          wmma::mma_sync(acc[0][q], a0, lo, acc[0][q]);
+          wmma::mma_sync(acc[1][q], a1, lo, acc[1][q]);
+          wmma::mma_sync(acc[0][q], a0, hi, acc[0][q]);
+          wmma::mma_sync(acc[1][q], a1, hi, acc[1][q]);
         }
       }
     }
-    if (s + 1 < stages) stage_input(s + 1);   // into the buffer stage s-1 used, consumed before the barrier
+    if (k1 < cl)                         // into the buffer stage s-1 used, consumed before the barrier
+      tc_stage_input<T, XV>(tc_smem + zoff + ((s + 1) & 1) * zbuf, xr, rstd, norm_w, nv, c0 + k1,
+                            min(TC_KC, cl - k1), tid);
   }
 #pragma unroll
   for (int q = 0; q < NQ; ++q) {         // rows past n land in the scratch's padding
-    const int ct = par + 2 * q;
-    if (ct < ntiles)
-      wmma::store_matrix_sync(part + ((size_t)blockIdx.y * rows + t0 + rt * 16) * b + ct * 16, acc[q], b,
-                              wmma::mem_row_major);
+    const int ct = cg + 4 * q;
+    if (ct < ntiles) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        wmma::store_matrix_sync(part + ((size_t)blockIdx.y * rows + t0 + (2 * rp + r) * 16) * b + ct * 16,
+                                acc[r][q], b, wmma::mem_row_major);
+    }
   }
 #endif
 }
@@ -408,7 +469,7 @@ bool tc_kernel_available(int device) {
   static int cached[64] = {0};           // 0 unknown, 1 yes, 2 no
   if (device < 64 && cached[device]) return cached[device] == 1;
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, router_down_tc_kernel<at::BFloat16, 4>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, router_down_tc_kernel<at::BFloat16, 2>));
   const bool ok = attr.binaryVersion >= 80 && (attr.ptxVersion == 0 || attr.ptxVersion >= 80);
   if (device < 64) cached[device] = ok ? 1 : 2;
   return ok;
@@ -428,13 +489,13 @@ void launch_router_tc(const at::Tensor& x, const at::Tensor& nw, double eps, con
   auto part = at::empty({splits, rows, b}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = (size_t)(2 * b * TC_LDW + 2 * TC_TOKENS * TC_LDZ) * sizeof(float);   // <= 176 KB (B = 256)
-  C10_CUDA_CHECK(cudaFuncSetAttribute(router_down_tc_kernel<T, NQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)smem));
+  allow_dynamic_smem(router_down_tc_kernel<T, NQ>, smem, x.get_device());
   router_down_tc_kernel<T, NQ><<<dim3(token_blocks, splits), TC_THREADS, smem, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), n, d, b,
       chunk, rows, part.data_ptr<float>());
   TIDE_CHECK_CUDA();
-  router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), splits, rows, B1.data_ptr<float>(),
+  router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), splits, (size_t)rows * b, b,
+                                                        B1.data_ptr<float>(),
                                                         W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold,
                                                         act.data_ptr<bool>(), score.data_ptr<float>(),
                                                         ex.data_ptr<bool>(), n, b);
@@ -447,15 +508,121 @@ bool try_router_tc(const at::Tensor& x, const at::Tensor& nw, double eps, const 
   if constexpr (sizeof(T) != 2) {
     return false;
   } else {
-    const int n = x.size(0), d = x.size(1), b = W1.size(0);
-    if (n < tc_min_tokens() || d % 8 || b % 16 || b > 32 * 8 ||
+    const int d = x.size(1), b = W1.size(0);
+    if (d % 8 || b % 16 || b > 32 * 8 ||
         reinterpret_cast<uintptr_t>(W1.data_ptr()) % 32 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
         !tc_kernel_available(x.get_device()))
       return false;
-    const int nq = (b / 16 + 1) / 2;
-    if (nq <= 2) launch_router_tc<T, 2>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
-    else if (nq <= 4) launch_router_tc<T, 4>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
-    else launch_router_tc<T, 8>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
+    const int nq = (b / 16 + 3) / 4;     // column tiles per warp
+    if (nq <= 1) launch_router_tc<T, 1>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
+    else if (nq <= 2) launch_router_tc<T, 2>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
+    else launch_router_tc<T, 4>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
+    return true;
+  }
+}
+
+// ----------------------------------------------------------------------------- router scoring through cuBLAS
+// The down-projection of many tokens is an ordinary matrix product, which cuBLAS runs near the tensor
+// cores' peak; what is left is memory-bound and small. So: one kernel writes the model's norm output
+// (rounded to its dtype, as the model does) in bf16, one splits the fp32 weights into bf16, cuBLAS
+// multiplies with fp32 accumulation and output (torch.mm's out_dtype), and router_finish_kernel does the rest.
+// Exact splits keep the twin's fp32 accuracy on bf16 tensor cores: each fp32 weight is hi + mid + lo,
+// three bf16 of 8 significant bits each (every remainder is exact in fp32, and the third holds what is
+// left exactly), and a fp16 norm output (11 bits) is hi + lo in bf16; bf16 products are exact in fp32, so
+// the only rounding is cuBLAS's fp32 accumulation, as in the twin's fp32 matmul. The product is
+// [N, NZ * D] x [NZ * D, 3 * B] (NZ = 1 for bf16, 2 for fp16: both input parts meet every weight part).
+// Only fp16/bf16 inputs with D % 8 == 0 and a 16-byte aligned x take this path.
+constexpr int NORM_THREADS = 256;
+
+// One block per token: 1/rms over the row, then the norm output rounded to T, then its bf16 parts,
+// written to z[t] = [hi (D) | lo (D, fp16 only)].
+template <typename T, int NZ>
+__global__ void __launch_bounds__(NORM_THREADS) router_norm_bf16_kernel(const T* __restrict__ x,
+                                    const float* __restrict__ norm_w, float eps, at::BFloat16* __restrict__ z, int d) {
+  constexpr int VEC = 8;                         // 16-byte loads of 8 fp16/bf16
+  __shared__ float red[NORM_THREADS / 32];
+  const T* row = x + (size_t)blockIdx.x * d;
+  float s = 0.f;
+  for (int i = threadIdx.x * VEC; i < d; i += NORM_THREADS * VEC) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + i);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) { const float v = to_f(h[k]); s += v * v; }
+  }
+  s = warp_sum(s);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < NORM_THREADS / 32; ++w) tot += red[w];
+  const float rstd = rsqrtf(tot / d + eps);
+  at::BFloat16* out = z + (size_t)blockIdx.x * NZ * d;
+  for (int i = threadIdx.x * VEC; i < d; i += NORM_THREADS * VEC) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + i);   // again: the row is in L1/L2 by now
+    const T* h = reinterpret_cast<const T*>(&u);
+    uint4 hi_u, lo_u;
+    at::BFloat16* hi = reinterpret_cast<at::BFloat16*>(&hi_u);
+    at::BFloat16* lo = reinterpret_cast<at::BFloat16*>(&lo_u);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float v = to_f(from_f<T>(to_f(h[k]) * rstd * norm_w[i + k]));
+      hi[k] = at::BFloat16(v);
+      if constexpr (NZ == 2) lo[k] = at::BFloat16(isfinite(v) ? v - static_cast<float>(hi[k]) : 0.f);   // inf - inf
+    }
+    *reinterpret_cast<uint4*>(out + i) = hi_u;
+    if constexpr (NZ == 2) *reinterpret_cast<uint4*>(out + d + i) = lo_u;
+  }
+}
+
+// w [B, D] fp32 -> ws [3][B][NZ * D] bf16: hi, mid, lo with hi + mid + lo == w exactly, each repeated NZ
+// times along the row so that it meets each part of the input.
+template <int NZ>
+__global__ void router_split_weights_kernel(const float* __restrict__ w, at::BFloat16* __restrict__ ws, int b, int d) {
+  const size_t total = (size_t)b * d, plane = total * NZ;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t j = e / d, i = e - j * d;
+    const float v = w[e];
+    const at::BFloat16 hi(v);
+    const float r = v - static_cast<float>(hi);
+    const at::BFloat16 mid(r);
+    const at::BFloat16 lo(r - static_cast<float>(mid));
+#pragma unroll
+    for (int c = 0; c < NZ; ++c) {
+      const size_t o = j * NZ * d + (size_t)c * d + i;
+      ws[o] = hi;
+      ws[plane + o] = mid;
+      ws[2 * plane + o] = lo;
+    }
+  }
+}
+
+template <typename T>
+bool try_router_cublas(const at::Tensor& x, const at::Tensor& nw, double eps, const at::Tensor& W1,
+                       const at::Tensor& B1, const at::Tensor& W2, const at::Tensor& B2, double threshold,
+                       const at::Tensor& act, at::Tensor& score, at::Tensor& ex) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    const int n = x.size(0), d = x.size(1), b = W1.size(0);
+    if (d % 8 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) return false;
+    constexpr int NZ = std::is_same_v<T, at::Half> ? 2 : 1;
+    const auto bf16 = x.options().dtype(at::kBFloat16);
+    auto z = at::empty({n, NZ * d}, bf16);
+    auto ws = at::empty({3 * b, NZ * d}, bf16);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    router_norm_bf16_kernel<T, NZ><<<n, NORM_THREADS, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), nw.data_ptr<float>(), (float)eps,
+        z.data_ptr<at::BFloat16>(), d);
+    TIDE_CHECK_CUDA();
+    const int blocks = std::min<int64_t>(((int64_t)b * d + 255) / 256, 8 * multiprocessor_count(x.get_device()));
+    router_split_weights_kernel<NZ><<<blocks, 256, 0, stream>>>(W1.data_ptr<float>(), ws.data_ptr<at::BFloat16>(), b, d);
+    TIDE_CHECK_CUDA();
+    const auto part = at::mm(z, ws.t(), at::kFloat);           // [N, 3 * B]: the three weight parts' products
+    router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), 3, b, 3 * (size_t)b,
+                                                          B1.data_ptr<float>(), W2.data_ptr<float>(),
+                                                          B2.data_ptr<float>(), (float)threshold,
+                                                          act.data_ptr<bool>(), score.data_ptr<float>(),
+                                                          ex.data_ptr<bool>(), n, b);
     return true;
   }
 }
@@ -478,8 +645,14 @@ std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const 
   int tokn = 1;
   while (tokn < 16 && tokn * sms < n && (size_t)(2 * tokn) * d * x.element_size() <= ROUTER_SMEM_LIMIT) tokn *= 2;
   TORCH_CHECK((size_t)d * x.element_size() <= ROUTER_SMEM_LIMIT, "tide::router_score: hidden size too large");
+  RouterKernel kernel = router_kernel_setting();
+  if (kernel == RouterKernel::kAuto)
+    kernel = n >= ROUTER_TC_MIN_TOKENS ? RouterKernel::kTensorCores : RouterKernel::kCudaCores;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_score", [&] {
-    if (try_router_tc<scalar_t>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex)) return;
+    if (kernel == RouterKernel::kTensorCores &&
+        try_router_tc<scalar_t>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex)) return;
+    if (kernel == RouterKernel::kCublas &&
+        try_router_cublas<scalar_t>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex)) return;
     switch (tokn) {
       case 1: launch_router<scalar_t, 1>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;
       case 2: launch_router<scalar_t, 2>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex); break;

@@ -199,21 +199,25 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ops.CUDA_LIBRARY),
 
 
 def test_forced_router_kernel_restores_the_callers_setting(monkeypatch):
-    """Benchmarks and tests force one router kernel at a time; a threshold the user set survives them."""
-    env = ops.ROUTER_TC_MIN_TOKENS_ENV
-    monkeypatch.setenv(env, "7")
+    """Benchmarks and tests force one router kernel at a time; a setting the user made survives them."""
+    env = ops.ROUTER_KERNEL_ENV
+    monkeypatch.setenv(env, "cublas")
     with ops.forced_router_kernel("tensor_cores"):
-        assert os.environ[env] == "0"
-    assert os.environ[env] == "7"
+        assert os.environ[env] == "tensor_cores"
+    assert os.environ[env] == "cublas"
     monkeypatch.delenv(env)
     with ops.forced_router_kernel("cuda_cores"):
-        assert int(os.environ[env]) > 100_000
+        assert os.environ[env] == "cuda_cores"
+    assert env not in os.environ
+    with pytest.raises(ValueError, match="unknown router kernel 'tensorcores': use one of cuda_cores, tensor_cores"):
+        with ops.forced_router_kernel("tensorcores"):
+            pass
     assert env not in os.environ
 
 
 # router_score picks its kernel by token count; these force one (fp32 input and unsupported shapes
 # fall back to the CUDA-core kernel even when tensor cores are forced, and must stay right)
-@pytest.fixture(params=list(ops.FORCE_ROUTER_KERNEL))
+@pytest.fixture(params=ops.ROUTER_KERNELS)
 def router_path(request):
     with ops.forced_router_kernel(request.param):
         yield request.param

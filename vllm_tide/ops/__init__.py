@@ -81,24 +81,29 @@ def _load_cuda_library() -> str | None:
 
 CUDA_LIBRARY = _load_cuda_library()
 
-# The CUDA library has two router_score kernels, chosen by token count (CUDA cores, then tf32 tensor
-# cores from 256 tokens). This variable, read on every call, moves the switch; these values force one.
-ROUTER_TC_MIN_TOKENS_ENV = "TIDE_ROUTER_TC_MIN_TOKENS"
-FORCE_ROUTER_KERNEL = {"tensor_cores": "0", "cuda_cores": str(1 << 30)}
+# The CUDA library has three router_score kernels: CUDA cores, tf32 tensor cores, and cuBLAS on bf16
+# tensor cores with exact weight splits; it picks one by token count. This variable, read on every call,
+# forces one ("auto" or unset: pick).
+ROUTER_KERNEL_ENV = "TIDE_ROUTER_KERNEL"
+ROUTER_KERNELS = ("cuda_cores", "tensor_cores", "cublas")
 
 
 @contextlib.contextmanager
 def forced_router_kernel(kernel: str):
-    """Run router_score with one kernel ("tensor_cores" or "cuda_cores"), restoring the variable after."""
-    before = os.environ.get(ROUTER_TC_MIN_TOKENS_ENV)
-    os.environ[ROUTER_TC_MIN_TOKENS_ENV] = FORCE_ROUTER_KERNEL[kernel]
+    """Run router_score with one kernel (one of ROUTER_KERNELS), restoring the variable after."""
+    if kernel not in ROUTER_KERNELS:
+        raise ValueError(f"unknown router kernel {kernel!r}: use one of {', '.join(ROUTER_KERNELS)}")
+    before = os.environ.get(ROUTER_KERNEL_ENV)
+    os.environ[ROUTER_KERNEL_ENV] = kernel
     try:
         yield
     finally:
         if before is None:
-            del os.environ[ROUTER_TC_MIN_TOKENS_ENV]
+            del os.environ[ROUTER_KERNEL_ENV]
         else:
-            os.environ[ROUTER_TC_MIN_TOKENS_ENV] = before
+            os.environ[ROUTER_KERNEL_ENV] = before
+
+
 ACTIVE_PATH = (f"CUDA kernels from {CUDA_LIBRARY}" if CUDA_LIBRARY else
                "PyTorch reference ops" + (" (CUDA library not built: run `make ops`)" if torch.cuda.is_available() else ""))
 logger.info("TIDE ops: %s", ACTIVE_PATH)
