@@ -1,8 +1,6 @@
 // CUDA kernels for TIDE's exit path. Schemas are defined in Python (vllm_tide/ops/__init__.py, library
 // "tide"); this file registers CUDA implementations with the same semantics as ops/reference.py.
 #include <ATen/ATen.h>
-#include <cuda_pipeline.h>
-#include <mma.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -268,259 +266,6 @@ void launch_router(const at::Tensor& x, const at::Tensor& nw, double eps, const 
                                                           ex.data_ptr<bool>(), n, b);
 }
 
-// ----------------------------------------------------------------------------- router scoring on tensor cores
-// With more tokens, the down-projection is a real matrix product ([N, D] x [D, B]) and the kernel above
-// is bound by fp32 FMAs and by every block re-reading the whole down-projection for at most 16 tokens.
-// Here each block takes 64 tokens and a column chunk of the hidden dimension and multiplies on tf32
-// tensor cores (sm_80+); router_finish_kernel adds the chunks' partial sums and applies the rest.
-// Weight tiles are copied to shared memory asynchronously one stage ahead (cp.async): loading fragments
-// straight from global memory left every warp waiting on each 8-column step (v3, 2026-11-30 on an H200:
-// ~1.3 us per step, 1.2x the twin at 4,096 tokens). Measured with that (H200, D=4096, B=128, device time):
-// 50 us at 512 tokens (twin 98, CUDA-core kernel 95) and 267 us at 4,096 (twin 423, CUDA-core 675), still
-// ~8 us per 64-column stage against a predicted ~1: its inner loop issues 8.5 instructions per HMMA with
-// 2 warps per scheduler (`bash scripts/sass_report.sh`); csrc/pending/ holds the rework.
-// Precision stays fp32's: the staged input is the model-dtype norm output, which tf32 holds exactly
-// (bf16 and fp16 have at most 11 significant bits), and each fp32 weight is split into a tf32 part and a
-// tf32 remainder, so two products give the weight to ~2^-21 (tf32 alone would be ~1e-3).
-// Only fp16/bf16 inputs take this path (fp32 inputs are not exact in tf32), with D % 8 == 0, B % 16 == 0,
-// B <= 256 and 32-byte aligned weights (fragment loads); everything else takes router_score_kernel.
-constexpr int TC_TOKENS = 64;            // tokens per block: 4 row tiles of 16
-constexpr int TC_THREADS = 256;          // 8 warps: 2 row pairs x 4 column groups
-constexpr int TC_KC = 64;                // hidden columns staged in shared memory per step
-constexpr int TC_LDZ = TC_KC + 8;        // padded staged input row (fragment rows stay 32-byte aligned)
-constexpr int TC_LDW = TC_KC + 4;        // padded weight row (16-byte aligned for the copies; 32 for fragments
-                                         // since fragments start at multiples of 16 rows)
-constexpr int TC_MIN_CHUNK = 256;        // hidden columns per block at least (each block re-reads its rows' norms)
-
-// Auto: tensor cores from this many tokens (H200, D=4096, B=128: CUDA cores 27 us at 64 tokens, 95 at
-// 512; tensor cores 48-50, 2026-11-30).
-constexpr int ROUTER_TC_MIN_TOKENS = 256;
-
-// Which kernel router_score uses. TIDE_ROUTER_KERNEL (read on every call, so tests and benchmarks can
-// force one) is "cuda_cores", "tensor_cores" or "cublas"; unset or "auto" picks by token count. A forced
-// kernel that cannot take the call (dtype, shape, alignment) falls back to the CUDA-core kernel.
-enum class RouterKernel { kAuto, kCudaCores, kTensorCores, kCublas };
-
-RouterKernel router_kernel_setting() {
-  const char* v = std::getenv("TIDE_ROUTER_KERNEL");
-  if (!v || !*v || !std::strcmp(v, "auto")) return RouterKernel::kAuto;
-  if (!std::strcmp(v, "cuda_cores")) return RouterKernel::kCudaCores;
-  if (!std::strcmp(v, "tensor_cores")) return RouterKernel::kTensorCores;
-  if (!std::strcmp(v, "cublas")) return RouterKernel::kCublas;
-  TORCH_CHECK(false, "TIDE_ROUTER_KERNEL is '", v, "': set it to auto, cuda_cores, tensor_cores or cublas, or unset it.");
-}
-
-// tf32 keeps a float's sign, exponent and top 10 mantissa bits. Cutting the other 13 off is exact, so
-// w = hi + lo with hi = cut(w) and lo = w - hi exactly; cut(lo) drops lo's own low bits (~2^-21 |w|).
-// Two plain bit operations and a subtraction, where __float_to_tf32 is an emulated rounding sequence.
-__device__ __forceinline__ float tf32_cut(float v) { return __uint_as_float(__float_as_uint(v) & 0xffffe000u); }
-
-// Stage s's weight tile, rows [0, b) x columns [k0, k0 + kc) of this block's chunk, into shared memory by
-// asynchronous 16-byte copies (no registers held while they fly).
-__device__ __forceinline__ void tc_issue_weights(float* dst, const float* __restrict__ src, int d, int b, int kc,
-                                                 int tid) {
-  if (kc == TC_KC) {                     // full stages (all but a chunk's last): shifts, not divisions
-    constexpr int PER_ROW = TC_KC / 4;
-    for (int e = tid; e < b * PER_ROW; e += TC_THREADS) {
-      const int j = e / PER_ROW, m = (e % PER_ROW) * 4;
-      __pipeline_memcpy_async(dst + j * TC_LDW + m, src + (size_t)j * d + m, 16);
-    }
-  } else {
-    const int per_row = kc / 4;
-    for (int e = tid; e < b * per_row; e += TC_THREADS) {
-      const int j = e / per_row, m = (e - j * per_row) * 4;
-      __pipeline_memcpy_async(dst + j * TC_LDW + m, src + (size_t)j * d + m, 16);
-    }
-  }
-  __pipeline_commit();
-}
-
-template <typename T, int XV>
-__device__ __forceinline__ void tc_load_input(uint4 (&xr)[XV], const T* __restrict__ x, int t0, int nv, int d,
-                                              int col, int kc, int tid) {
-  constexpr int VEC = 16 / sizeof(T);
-#pragma unroll
-  for (int v = 0; v < XV; ++v) {
-    const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
-    xr[v] = t < nv && i < kc ? *reinterpret_cast<const uint4*>(x + (size_t)(t0 + t) * d + col + i)
-                             : make_uint4(0, 0, 0, 0);
-  }
-}
-
-// The model's norm output, rounded to its dtype as the model does, as floats (exact in tf32).
-template <typename T, int XV>
-__device__ __forceinline__ void tc_stage_input(float* zb, const uint4 (&xr)[XV], const float* rstd,
-                                               const float* __restrict__ norm_w, int nv, int col, int kc, int tid) {
-  constexpr int VEC = 16 / sizeof(T);
-#pragma unroll
-  for (int v = 0; v < XV; ++v) {
-    const int e = tid + v * TC_THREADS, t = e / (TC_KC / VEC), i = (e % (TC_KC / VEC)) * VEC;
-    const T* h = reinterpret_cast<const T*>(&xr[v]);
-    float* dst = zb + t * TC_LDZ + i;
-    if (t < nv && i < kc) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) dst[k] = to_f(from_f<T>(to_f(h[k]) * rstd[t] * norm_w[col + i + k]));
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) dst[k] = 0.f;
-    }
-  }
-}
-
-// Warp w computes 2 row tiles (32 tokens: w % 2) x NQ column tiles (every 4th from w / 2), so each
-// weight fragment it splits serves two products.
-template <typename T, int NQ>            // NQ: column tiles per warp (B / 64, rounded up)
-__global__ void __launch_bounds__(TC_THREADS) router_down_tc_kernel(const T* __restrict__ x,
-                                    const float* __restrict__ norm_w, float eps, const float* __restrict__ w1,
-                                    int n, int d, int b, int chunk, int rows, float* __restrict__ part) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  constexpr int VEC = 16 / sizeof(T);    // elements per 16-byte load
-  constexpr int XV = TC_TOKENS * TC_KC / VEC / TC_THREADS;   // input vectors per thread per stage
-  extern __shared__ __align__(128) float tc_smem[];          // [2][b][TC_LDW] weights, then [2][64][TC_LDZ] input
-  __shared__ float rstd[TC_TOKENS];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t0 = blockIdx.x * TC_TOKENS, nv = min(TC_TOKENS, n - t0);
-  const int c0 = blockIdx.y * chunk, cl = min(chunk, d - c0);
-  const int rp = warp & 1, cg = warp >> 1, ntiles = b / 16;
-  const int stages = (cl + TC_KC - 1) / TC_KC;
-  const int wbuf = b * TC_LDW, zoff = 2 * wbuf, zbuf = TC_TOKENS * TC_LDZ;
-
-  // stage 0's copies fly while the norms are computed
-  tc_issue_weights(tc_smem, w1 + c0, d, b, min(TC_KC, cl), tid);
-  uint4 xr[XV];
-  tc_load_input<T, XV>(xr, x, t0, nv, d, c0, min(TC_KC, cl), tid);
-  for (int t = warp; t < TC_TOKENS; t += TC_THREADS / 32) {   // 1/rms per token, over the whole row
-    float s = 0.f;
-    if (t < nv) {
-      const T* row = x + (size_t)(t0 + t) * d;
-#pragma unroll 16
-      for (int i = lane * VEC; i < d; i += 32 * VEC) {
-        const uint4 u = *reinterpret_cast<const uint4*>(row + i);
-        const T* h = reinterpret_cast<const T*>(&u);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) { const float v = to_f(h[k]); s += v * v; }
-      }
-    }
-    s = warp_sum(s);
-    if (lane == 0) rstd[t] = rsqrtf(s / d + eps);
-  }
-  __syncthreads();
-  tc_stage_input<T, XV>(tc_smem + zoff, xr, rstd, norm_w, nv, c0, min(TC_KC, cl), tid);
-
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][NQ];
-#pragma unroll
-  for (int q = 0; q < NQ; ++q) { wmma::fill_fragment(acc[0][q], 0.f); wmma::fill_fragment(acc[1][q], 0.f); }
-  for (int s = 0; s < stages; ++s) {
-    __pipeline_wait_prior(0);            // this thread's copies of stage s have landed
-    __syncthreads();                     // everyone's have, stage s's input is staged, stage s-1 is consumed
-    const int k1 = (s + 1) * TC_KC;
-    if (k1 < cl) {
-      tc_issue_weights(tc_smem + ((s + 1) & 1) * wbuf, w1 + c0 + k1, d, b, min(TC_KC, cl - k1), tid);
-      tc_load_input<T, XV>(xr, x, t0, nv, d, c0 + k1, min(TC_KC, cl - k1), tid);
-    }
-    const int kc = min(TC_KC, cl - s * TC_KC);                 // a multiple of 8
-    const float* wb = tc_smem + (s & 1) * wbuf;
-    const float* zb = tc_smem + zoff + (s & 1) * zbuf + rp * 32 * TC_LDZ;
-    for (int kk = 0; kk < kc; kk += 8) {
-      // the staged input holds bf16/fp16 values, which are tf32 numbers already: no conversion
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a0, a1;
-      wmma::load_matrix_sync(a0, zb + kk, TC_LDZ);
-      wmma::load_matrix_sync(a1, zb + 16 * TC_LDZ + kk, TC_LDZ);
-#pragma unroll
-      for (int q = 0; q < NQ; ++q) {
-        const int ct = cg + 4 * q;
-        if (ct < ntiles) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> hi, lo;
-          wmma::load_matrix_sync(hi, wb + ct * 16 * TC_LDW + kk, TC_LDW);
-#pragma unroll
-          for (int e = 0; e < hi.num_elements; ++e) {
-            const float v = hi.x[e], h = tf32_cut(v);
-            hi.x[e] = h;
-            lo.x[e] = tf32_cut(v - h);
-          }
-          wmma::mma_sync(acc[0][q], a0, lo, acc[0][q]);
-          wmma::mma_sync(acc[1][q], a1, lo, acc[1][q]);
-          wmma::mma_sync(acc[0][q], a0, hi, acc[0][q]);
-          wmma::mma_sync(acc[1][q], a1, hi, acc[1][q]);
-        }
-      }
-    }
-    if (k1 < cl)                         // into the buffer stage s-1 used, consumed before the barrier
-      tc_stage_input<T, XV>(tc_smem + zoff + ((s + 1) & 1) * zbuf, xr, rstd, norm_w, nv, c0 + k1,
-                            min(TC_KC, cl - k1), tid);
-  }
-#pragma unroll
-  for (int q = 0; q < NQ; ++q) {         // rows past n land in the scratch's padding
-    const int ct = cg + 4 * q;
-    if (ct < ntiles) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-        wmma::store_matrix_sync(part + ((size_t)blockIdx.y * rows + t0 + (2 * rp + r) * 16) * b + ct * 16,
-                                acc[r][q], b, wmma::mem_row_major);
-    }
-  }
-#endif
-}
-
-// Whether this library holds sm_80+ code for the device (a build for older archs only would run an
-// empty kernel there through PTX; the guard above compiles the body out below sm_80).
-bool tc_kernel_available(int device) {
-  static int cached[64] = {0};           // 0 unknown, 1 yes, 2 no
-  if (device < 64 && cached[device]) return cached[device] == 1;
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, router_down_tc_kernel<at::BFloat16, 2>));
-  const bool ok = attr.binaryVersion >= 80 && (attr.ptxVersion == 0 || attr.ptxVersion >= 80);
-  if (device < 64) cached[device] = ok ? 1 : 2;
-  return ok;
-}
-
-template <typename T, int NQ>
-void launch_router_tc(const at::Tensor& x, const at::Tensor& nw, double eps, const at::Tensor& W1,
-                      const at::Tensor& B1, const at::Tensor& W2, const at::Tensor& B2, double threshold,
-                      const at::Tensor& act, at::Tensor& score, at::Tensor& ex) {
-  const int n = x.size(0), d = x.size(1), b = W1.size(0);
-  const int token_blocks = (n + TC_TOKENS - 1) / TC_TOKENS, sms = multiprocessor_count(x.get_device());
-  // column chunks (multiples of the staging step) until the blocks cover the multiprocessors
-  int splits = std::max(1, std::min(sms / token_blocks, d / TC_MIN_CHUNK));
-  const int chunk = ((d + splits - 1) / splits + TC_KC - 1) / TC_KC * TC_KC;
-  splits = (d + chunk - 1) / chunk;
-  const int rows = token_blocks * TC_TOKENS;
-  auto part = at::empty({splits, rows, b}, x.options().dtype(at::kFloat));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const size_t smem = (size_t)(2 * b * TC_LDW + 2 * TC_TOKENS * TC_LDZ) * sizeof(float);   // <= 176 KB (B = 256)
-  allow_dynamic_smem(router_down_tc_kernel<T, NQ>, smem, x.get_device());
-  router_down_tc_kernel<T, NQ><<<dim3(token_blocks, splits), TC_THREADS, smem, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), nw.data_ptr<float>(), (float)eps, W1.data_ptr<float>(), n, d, b,
-      chunk, rows, part.data_ptr<float>());
-  TIDE_CHECK_CUDA();
-  router_finish_kernel<<<(n + 7) / 8, 256, 0, stream>>>(part.data_ptr<float>(), splits, (size_t)rows * b, b,
-                                                        B1.data_ptr<float>(),
-                                                        W2.data_ptr<float>(), B2.data_ptr<float>(), (float)threshold,
-                                                        act.data_ptr<bool>(), score.data_ptr<float>(),
-                                                        ex.data_ptr<bool>(), n, b);
-}
-
-template <typename T>
-bool try_router_tc(const at::Tensor& x, const at::Tensor& nw, double eps, const at::Tensor& W1,
-                   const at::Tensor& B1, const at::Tensor& W2, const at::Tensor& B2, double threshold,
-                   const at::Tensor& act, at::Tensor& score, at::Tensor& ex) {
-  if constexpr (sizeof(T) != 2) {
-    return false;
-  } else {
-    const int d = x.size(1), b = W1.size(0);
-    if (d % 8 || b % 16 || b > 32 * 8 ||
-        reinterpret_cast<uintptr_t>(W1.data_ptr()) % 32 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
-        !tc_kernel_available(x.get_device()))
-      return false;
-    const int nq = (b / 16 + 3) / 4;     // column tiles per warp
-    if (nq <= 1) launch_router_tc<T, 1>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
-    else if (nq <= 2) launch_router_tc<T, 2>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
-    else launch_router_tc<T, 4>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex);
-    return true;
-  }
-}
-
 // ----------------------------------------------------------------------------- router scoring through cuBLAS
 // The down-projection of many tokens is an ordinary matrix product, which cuBLAS runs near the tensor
 // cores' peak; what is left is memory-bound and small. So: one kernel writes the model's norm output
@@ -627,6 +372,26 @@ bool try_router_cublas(const at::Tensor& x, const at::Tensor& nw, double eps, co
   }
 }
 
+// ----------------------------------------------------------------------------- router kernel choice
+// Auto: cuBLAS from this many tokens. H200, D=4096, B=128, bf16 (2026-11-30, benchmarks/ops_bench.py):
+// device time CUDA cores 17 / 22 / 36 / 58 us at 16 / 32 / 128 / 256 tokens, cuBLAS 19-22 throughout;
+// per call (host work included) CUDA cores 27 / 32 / 45 / 67 us, cuBLAS 50 (three more launches and
+// the GEMM's dispatch). From 128 tokens cuBLAS saves more device time than it adds host time.
+constexpr int ROUTER_CUBLAS_MIN_TOKENS = 128;
+
+// Which kernel router_score uses. TIDE_ROUTER_KERNEL (read on every call, so tests and benchmarks can
+// force one) is "cuda_cores" or "cublas"; unset or "auto" picks by token count. cuBLAS forced on a call
+// it cannot take (fp32 input, D % 8 != 0, unaligned x) falls back to the CUDA-core kernel.
+enum class RouterKernel { kAuto, kCudaCores, kCublas };
+
+RouterKernel router_kernel_setting() {
+  const char* v = std::getenv("TIDE_ROUTER_KERNEL");
+  if (!v || !*v || !std::strcmp(v, "auto")) return RouterKernel::kAuto;
+  if (!std::strcmp(v, "cuda_cores")) return RouterKernel::kCudaCores;
+  if (!std::strcmp(v, "cublas")) return RouterKernel::kCublas;
+  TORCH_CHECK(false, "TIDE_ROUTER_KERNEL is '", v, "': set it to auto, cuda_cores or cublas, or unset it.");
+}
+
 std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                                                      const at::Tensor& b2, double threshold, const at::Tensor& active) {
@@ -647,10 +412,8 @@ std::tuple<at::Tensor, at::Tensor> router_score_cuda(const at::Tensor& x, const 
   TORCH_CHECK((size_t)d * x.element_size() <= ROUTER_SMEM_LIMIT, "tide::router_score: hidden size too large");
   RouterKernel kernel = router_kernel_setting();
   if (kernel == RouterKernel::kAuto)
-    kernel = n >= ROUTER_TC_MIN_TOKENS ? RouterKernel::kTensorCores : RouterKernel::kCudaCores;
+    kernel = n >= ROUTER_CUBLAS_MIN_TOKENS ? RouterKernel::kCublas : RouterKernel::kCudaCores;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_score", [&] {
-    if (kernel == RouterKernel::kTensorCores &&
-        try_router_tc<scalar_t>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex)) return;
     if (kernel == RouterKernel::kCublas &&
         try_router_cublas<scalar_t>(x, nw, eps, W1, B1, W2, B2, threshold, act, score, ex)) return;
     switch (tokn) {

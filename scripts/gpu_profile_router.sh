@@ -21,7 +21,7 @@ cat >/tmp/drive_router.py <<'PYEOF'
 import sys, torch
 import vllm_tide.ops as ops   # loads the library
 n, path = int(sys.argv[1]), sys.argv[2]
-ops.forced_router_kernel({"tc": "tensor_cores", "cc": "cuda_cores", "cublas": "cublas"}[path]).__enter__()
+ops.forced_router_kernel({"cc": "cuda_cores", "cublas": "cublas"}[path]).__enter__()
 D, B, dev = 4096, 128, "cuda"
 args = (torch.randn(n, D, device=dev, dtype=torch.bfloat16), torch.rand(D, device=dev) + 0.5, 1e-5,
         torch.randn(B, D, device=dev) / D ** 0.5, torch.randn(B, device=dev) * 0.1, torch.randn(B, device=dev) / B ** 0.5,
@@ -35,7 +35,7 @@ torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStop()
 PYEOF
 echo "ncu: $NCU"
-for case in "4096 tc" "4096 cublas" "512 tc" "512 cublas"; do
+for case in "1 cc" "64 cc" "512 cublas" "4096 cublas"; do
   set -- $case
   echo "==== n=$1 path=$2"
   timeout 60 "$NCU" --clock-control none --profile-from-start off --target-processes all \

@@ -202,21 +202,21 @@ def test_forced_router_kernel_restores_the_callers_setting(monkeypatch):
     """Benchmarks and tests force one router kernel at a time; a setting the user made survives them."""
     env = ops.ROUTER_KERNEL_ENV
     monkeypatch.setenv(env, "cublas")
-    with ops.forced_router_kernel("tensor_cores"):
-        assert os.environ[env] == "tensor_cores"
+    with ops.forced_router_kernel("cuda_cores"):
+        assert os.environ[env] == "cuda_cores"
     assert os.environ[env] == "cublas"
     monkeypatch.delenv(env)
     with ops.forced_router_kernel("cuda_cores"):
         assert os.environ[env] == "cuda_cores"
     assert env not in os.environ
-    with pytest.raises(ValueError, match="unknown router kernel 'tensorcores': use one of cuda_cores, tensor_cores"):
-        with ops.forced_router_kernel("tensorcores"):
+    with pytest.raises(ValueError, match="unknown router kernel 'tensor_cores': use one of cuda_cores, cublas"):
+        with ops.forced_router_kernel("tensor_cores"):
             pass
     assert env not in os.environ
 
 
-# router_score picks its kernel by token count; these force one (fp32 input and unsupported shapes
-# fall back to the CUDA-core kernel even when tensor cores are forced, and must stay right)
+# router_score picks its kernel by token count; these force one (fp32 input and shapes cuBLAS's path
+# cannot take fall back to the CUDA-core kernel even when cuBLAS is forced, and must stay right)
 @pytest.fixture(params=ops.ROUTER_KERNELS)
 def router_path(request):
     with ops.forced_router_kernel(request.param):
@@ -248,17 +248,27 @@ def test_cuda_router_score(dtype, n, d, b, router_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,b", [(1, 4096, 128), (65, 4096, 256), (100, 512, 16), (129, 8, 32), (1025, 4096, 48),
                                    (3000, 2048, 64), (1025, 576, 272), (64, 1000, 128)])
-def test_cuda_router_score_tensor_core_shapes(dtype, n, d, b, router_path):
-    """The tensor-core path's edges: 1 to 16 column tiles (odd counts split unevenly over warps), token
-    counts off its 64-token tile, hidden sizes from one 8-column step up; B > 256 and D % 8 != 0 fall back."""
+def test_cuda_router_score_more_shapes(dtype, n, d, b, router_path):
+    """Bottlenecks from 16 to 272 (not multiples of 16 or 32 too), token counts off every tile size,
+    hidden sizes from 8 up (fp16 writes its norm output as two bf16 halves of 8 columns each)."""
     check_router_score(dtype, n, d, b)
+
+
+@cuda
+def test_cuda_router_kernel_setting_is_checked(monkeypatch):
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    args = (x, torch.ones(64, device="cuda"), 1e-5, torch.randn(16, 64, device="cuda"), torch.zeros(16, device="cuda"),
+            torch.randn(16, device="cuda"), torch.zeros(1, device="cuda"), 0.5, torch.ones(4, dtype=torch.bool, device="cuda"))
+    monkeypatch.setenv(ops.ROUTER_KERNEL_ENV, "tensorcores")
+    with pytest.raises(RuntimeError, match="TIDE_ROUTER_KERNEL is 'tensorcores': set it to auto, cuda_cores or cublas"):
+        torch.ops.tide.router_score(*args)
 
 
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [33, 1025])
 def test_cuda_router_score_unaligned_weights(dtype, n, router_path):
-    """A down-projection that is a view 4 bytes into its storage cannot take 16-byte loads (nor fragment loads)."""
+    """A down-projection that is a view 4 bytes into its storage cannot take 16-byte loads."""
     d, b = 576, 128
     w1 = (torch.randn(b * d + 1) / d ** 0.5)[1:].view(b, d)
     args = [(torch.randn(n, d) * 2).to(dtype), torch.rand(d) + 0.5, 1e-5, w1,

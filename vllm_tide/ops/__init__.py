@@ -81,11 +81,11 @@ def _load_cuda_library() -> str | None:
 
 CUDA_LIBRARY = _load_cuda_library()
 
-# The CUDA library has three router_score kernels: CUDA cores, tf32 tensor cores, and cuBLAS on bf16
-# tensor cores with exact weight splits; it picks one by token count. This variable, read on every call,
-# forces one ("auto" or unset: pick).
+# The CUDA library has two router_score kernels: CUDA cores (small batches) and cuBLAS on bf16 tensor
+# cores with exact splits of the fp32 weights (from 128 tokens); it picks one by token count. This
+# variable, read on every call, forces one ("auto" or unset: pick).
 ROUTER_KERNEL_ENV = "TIDE_ROUTER_KERNEL"
-ROUTER_KERNELS = ("cuda_cores", "tensor_cores", "cublas")
+ROUTER_KERNELS = ("cuda_cores", "cublas")
 
 
 @contextlib.contextmanager
