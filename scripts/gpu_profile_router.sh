@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: build main + the pending patches and profile tide::router_score with Nsight Compute
-# (per-kernel duration, speed of light, occupancy, warp stalls, memory, hottest SASS), forcing each
-# kernel path at 1, 512 and 4,096 tokens (D=4096, B=128, bf16). Text reports land in $OUT.
+# (per-kernel duration, speed of light, occupancy, warp stalls, memory, hottest SASS): the CUDA-core
+# kernel at 1 and 64 tokens, the cuBLAS path at 512 and 4,096 (D=4096, B=128, bf16). Text reports land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
@@ -42,5 +42,6 @@ for case in "1 cc" "64 cc" "512 cublas" "4096 cublas"; do
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SourceCounters \
     $PY /tmp/drive_router.py "$1" "$2" >"$OUT/ncu_router_n$1_$2.txt" 2>&1
-  grep -E "router_|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Dynamic Shared" "$OUT/ncu_router_n$1_$2.txt" | head -24
+  # each kernel's header line (", Context "), cuBLAS's too, then its key figures
+  grep -E ", Context |Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Dynamic Shared" "$OUT/ncu_router_n$1_$2.txt" | head -40
 done
