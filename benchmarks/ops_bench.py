@@ -21,9 +21,10 @@ import vllm_tide.ops as ops
 from vllm_tide.kv_cache import SPLIT_CONTENT, cache_views
 from vllm_tide.ops import reference as ref
 
+# DEEP: layers filled after an exit at layer 15 of 32; SWEEP: more token counts for the router kernels
+# alone, to see where they cross
 LLAMA3_8B = dict(D=4096, B=128, KV_HEADS=8, HD=128, DEEP=16, TOKENS=(1, 8, 64, 512, 4096), NBLOCKS=4096,
-                 COPY_BYTES=1 << 28, MM=8192, REPS=30,
-                 SWEEP=(2, 4, 16, 32, 128, 256, 1024, 2048, 16384))   # router kernels only: where they cross   # DEEP: layers filled after an exit at layer 15 of 32
+                 COPY_BYTES=1 << 28, MM=8192, REPS=30, SWEEP=(2, 4, 16, 32, 128, 256, 1024, 2048, 16384))
 SMOKE = dict(D=64, B=16, KV_HEADS=2, HD=16, DEEP=2, TOKENS=(1, 33), NBLOCKS=8, COPY_BYTES=1 << 16, MM=64, REPS=3,
              SWEEP=(2,))
 GOAL_ROUTER_SPEEDUP, GOAL_WRITE_FRACTION, GOAL_WRITE_MIN_TOKENS = 2.0, 0.70, 512

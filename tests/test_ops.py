@@ -249,7 +249,7 @@ def test_cuda_router_score(dtype, n, d, b, router_path):
 @pytest.mark.parametrize("n,d,b", [(1, 4096, 128), (65, 4096, 256), (100, 512, 16), (129, 8, 32), (1025, 4096, 48),
                                    (3000, 2048, 64), (1025, 576, 272), (64, 1000, 128)])
 def test_cuda_router_score_more_shapes(dtype, n, d, b, router_path):
-    """Bottlenecks from 16 to 272 (not multiples of 16 or 32 too), token counts off every tile size,
+    """Bottlenecks from 16 to 272 (48 and 272 not multiples of 32), token counts off every tile size,
     hidden sizes from 8 up (fp16 writes its norm output as two bf16 halves of 8 columns each)."""
     check_router_score(dtype, n, d, b)
 
