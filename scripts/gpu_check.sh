@@ -16,16 +16,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-ARCHS=${TIDE_CUDA_ARCHS:-90}
-TORCH_PREFIX=$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-
-build() {   # build NAME SOURCE_ROOT
-  local bdir=$PWD/build/ops-$1
-  cmake -S "$2" -B "$bdir" -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS="$ARCHS" \
-    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" >"$OUT/build_$1.log" 2>&1 \
-    && cmake --build "$bdir" -j 16 >>"$OUT/build_$1.log" 2>&1
-}
+source scripts/ops_build_lib.sh   # pending_tree, build_ops
 
 check() {   # check NAME SOURCE_ROOT (built): op tests, then the benchmark if they pass
   local name=$1 root=$2 lib
@@ -39,7 +31,7 @@ check() {   # check NAME SOURCE_ROOT (built): op tests, then the benchmark if th
     2>&1 | tee "$OUT/bench_$name.log"
 }
 
-[ $PENDING_ONLY = 1 ] || { build main "$PWD"; check main "$PWD"; }
+[ $PENDING_ONLY = 1 ] || { build_ops main "$PWD" >/dev/null 2>&1; check main "$PWD"; }
 patches=(csrc/pending/*.patch)
 if [ -e "${patches[0]}" ]; then
   # main + the first k patches, for every k, each in its own copy (outside the repo, so git apply patches
@@ -47,14 +39,13 @@ if [ -e "${patches[0]}" ]; then
   # breaks the build or the tests still leaves the ones before it measured.
   base=$(mktemp -d); roots=()
   for k in $(seq 1 ${#patches[@]}); do
-    src=$base/pending-$k; mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests benchmarks scripts "$src"/
-    for p in "${patches[@]:0:k}"; do
-      (cd "$src" && git apply "$OLDPWD/$p") || { echo "pending patch $p does not apply"; exit 1; }
-    done
-    roots+=("$src")
+    roots+=("$base/pending-$k")
+    pending_tree "${roots[k-1]}" "${patches[@]:0:k}" || exit 1
   done
   echo "==== building main + pending patches 1..k for k = 1..${#patches[@]}: ${patches[*]}"
-  for k in $(seq 1 ${#patches[@]}); do build pending-$k "${roots[k-1]}" & done
+  for k in $(seq 1 ${#patches[@]}); do   # quietly: check() prints a failed build's log
+    build_ops pending-$k "${roots[k-1]}" >/dev/null 2>&1 &
+  done
   wait
   for k in $(seq ${#patches[@]} -1 1); do
     if check pending-$k "${roots[k-1]}"; then good=$k; break; fi

@@ -8,20 +8,16 @@ OUT=${OUT:-outputs}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+source scripts/ops_build_lib.sh   # pending_tree, build_ops
 src=$(mktemp -d)/src
-mkdir -p "$src" && cp -r CMakeLists.txt csrc vllm_tide tests benchmarks scripts "$src"/
-for p in csrc/pending/*.patch; do   # the patches touch tests/ too: copy it, and stop if one fails
-  [ -e "$p" ] && { (cd "$src" && git apply "$OLDPWD/$p") || { echo "pending patch $p does not apply"; exit 1; }; }
-done
-cmake -S "$src" -B build/ops-prof -DCMAKE_BUILD_TYPE=Release -DTIDE_CUDA_ARCHS=90 \
-  -DCMAKE_PREFIX_PATH="$($PY -c 'import torch; print(torch.utils.cmake_prefix_path)')" >"$OUT/prof_build.log" 2>&1 \
-  && cmake --build build/ops-prof -j 16 >>"$OUT/prof_build.log" 2>&1 || { tail -30 "$OUT/prof_build.log"; exit 1; }
-export TIDE_OPS_LIBRARY=$(ls "$PWD"/build/ops-prof/*tide_ops*.so) PYTHONPATH=$src
+shopt -s nullglob   # no pending patch: profile main
+pending_tree "$src" csrc/pending/*.patch && lib=$(build_ops prof "$src") || exit 1
+export TIDE_OPS_LIBRARY=$lib PYTHONPATH=$src
 cat >/tmp/drive_router.py <<'PYEOF'
 import sys, torch
 import vllm_tide.ops as ops   # loads the library
-n, path = int(sys.argv[1]), sys.argv[2]
-ops.forced_router_kernel({"cc": "cuda_cores", "cublas": "cublas"}[path]).__enter__()
+n, kernel = int(sys.argv[1]), sys.argv[2]
+ops.forced_router_kernel(kernel).__enter__()
 D, B, dev = 4096, 128, "cuda"
 args = (torch.randn(n, D, device=dev, dtype=torch.bfloat16), torch.rand(D, device=dev) + 0.5, 1e-5,
         torch.randn(B, D, device=dev) / D ** 0.5, torch.randn(B, device=dev) * 0.1, torch.randn(B, device=dev) / B ** 0.5,
@@ -35,9 +31,9 @@ torch.cuda.synchronize()
 torch.cuda.cudart().cudaProfilerStop()
 PYEOF
 echo "ncu: $NCU"
-for case in "1 cc" "64 cc" "512 cublas" "4096 cublas"; do
+for case in "1 cuda_cores" "64 cuda_cores" "512 cublas" "4096 cublas"; do
   set -- $case
-  echo "==== n=$1 path=$2"
+  echo "==== n=$1 kernel=$2"
   timeout 60 "$NCU" --clock-control none --profile-from-start off --target-processes all \
     --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
     --section MemoryWorkloadAnalysis --section SourceCounters \

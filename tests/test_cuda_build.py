@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PENDING = sorted(glob.glob(os.path.join(ROOT, "csrc", "pending", "*.patch")))
-PATCHED_FOLDERS = ("csrc", "tests", "vllm_tide", "benchmarks", "scripts")   # what scripts/gpu_check.sh copies
+PATCHED_FOLDERS = ("csrc", "tests", "vllm_tide", "benchmarks", "scripts")   # OPS_TREE in scripts/ops_build_lib.sh
 
 
 def nvcc_compile(source, tmp_path):
