@@ -134,7 +134,8 @@ def wait_healthy(proc, base: str, log_path: str, timeout: float = 300) -> None:
             return
         except OSError:
             if time.time() > deadline:
-                raise RuntimeError(f"server did not come up in {timeout:.0f} s")
+                raise RuntimeError(f"server did not answer /health within {timeout:.0f} s (a bound against hangs; "
+                                   f"raise it on a slow machine); its log ends:\n" + open(log_path).read()[-3000:])
             time.sleep(1)
 
 

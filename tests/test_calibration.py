@@ -110,6 +110,31 @@ def test_kl_labels_and_metrics_match_independent_computation():
     assert kl_labels(m[3], 0.05).float().mean() > kl_labels(m[1], 0.05).float().mean()   # closer state, more exits
 
 
+def test_label_outcomes_on_a_shortlist_equal_the_full_computation():
+    """Labels skip the full-vocabulary product for rows a shortlist already shows disagreeing: the top-1
+    agreement and the KL where it agrees must equal the full computation's, token for token (and the
+    temperatures fitted on the first rows equal a fit on those rows alone)."""
+    from vllm_tide.exit_labels import TEMPERATURE_SAMPLE, exit_outcomes, fit_temperature as fit_t
+    g = torch.Generator().manual_seed(5)
+    n, d, v = 3000, 16, 400
+    final = torch.randn(n, d, generator=g)
+    z = {c: final + noise * torch.randn(n, d, generator=g) for c, noise in ((2, 1.0), (5, 0.2))}
+    w = torch.randn(v, d, generator=g)
+    target = torch.randint(0, v, (n,), generator=g)
+    projs = {2: ExitProjection(), 5: ExitProjection(weight=torch.eye(d) * 1.1, bias=torch.zeros(d))}
+    states = _states(z, final, None, target)
+    labels, fitted = exit_outcomes(states, projs, w, with_kl=True, with_nll=False, fit_temperatures=True, chunk=500)
+    full = exit_metrics(states, fitted, w, with_kl=True, chunk=700)
+    for c in projs:
+        assert torch.equal(labels[c].agree, full[c].agree) and 0.05 < labels[c].agree.float().mean() < 0.95
+        ok = labels[c].agree
+        assert torch.allclose(labels[c].kl[ok], full[c].kl[ok], rtol=1e-5, atol=1e-6)
+        assert torch.isinf(labels[c].kl[~ok]).all()
+        rows = slice(0, TEMPERATURE_SAMPLE)
+        want = fit_t(projs[c].apply(z[c][rows]) @ w.T, torch.log_softmax(final[rows] @ w.T, -1))
+        assert fitted[c].temperature == pytest.approx(want, rel=1e-5)
+
+
 def test_fit_temperature_recovers_a_known_temperature():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(300, 60, generator=g) * 3
@@ -452,5 +477,28 @@ def test_calibration_on_cuda(tmp_path):
 
 def test_missing_corpora_say_how_to_get_them(tmp_path):
     from vllm_tide import corpus
-    with pytest.raises(TideConfigError, match="run `make setup`.*or pass your own text with --corpus"):
+    with pytest.raises(TideConfigError, match="`make setup`.*pass your own text with --corpus.*TIDE_DATA_DIR"):
         corpus.split_files("calibration", str(tmp_path))
+
+
+@needs_tokenizer
+def test_calibration_takes_a_hub_model_id_from_the_local_cache(tmp_path, monkeypatch):
+    """`--model ORG/NAME` resolves offline in the Hugging Face cache, as the plugin resolves it; an id
+    that is not there is one sentence."""
+    import huggingface_hub.constants as hub
+    from vllm_tide.calibrate import parse_args
+    snapshot = tmp_path / "hub" / "models--tide-test--tiny" / "snapshots" / ("ab" * 20)
+    make_tiny_model("llama", str(snapshot), DEFAULT_MODEL, num_layers=4)
+    (tmp_path / "hub" / "models--tide-test--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tide-test--tiny" / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = str(tmp_path / "r.safetensors")
+    (tmp_path / "c").mkdir()
+    cfg = parse_args(["--model", "tide-test/tiny", "--output", out, "--corpus", *corpus(tmp_path / "c"),
+                      "--max-tokens", "2000", "--label-tokens", "1000", "--validation-tokens", "512", "--seq-len",
+                      "128", "--interval", "2", "--epochs", "1", "--select-tokens", "0", "--dtype", "float32"])
+    ckpt = calibrate(cfg)
+    assert cfg.model == str(snapshot) and ckpt.model.num_layers == 4
+    assert RouterCheckpoint.load(out).model == ckpt.model
+    with pytest.raises(TideConfigError, match="neither a model folder nor a model id in the local Hugging Face"):
+        CalibrationConfig(model="tide-test/absent", output="").validate()

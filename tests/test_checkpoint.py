@@ -211,22 +211,106 @@ def test_fingerprint_tracks_weights_as_stored(tmp_path):
     assert model_identity(str(tmp_path / "a")) == a
 
 
-def test_cuda_graphs_off_warns_when_the_router_keeps_exits_off(monkeypatch):
-    """On a GPU, TIDE turns CUDA graphs off; with a router whose default keeps exits off that makes
-    plain requests slower than stock vLLM, and the warning must say so (emulated: a CUDA platform)."""
+def test_cuda_graphs_stay_on_where_tide_resolves_to_exits_off(tmp_path, monkeypatch):
+    """On a CUDA-like platform, a router whose default keeps exits off leaves the CUDA graph mode as the
+    user set it (stock's forward runs every step), and a request's own tide_threshold is then a 400
+    telling how to allow exits; a router that exits turns graphs off. On a CPU-like platform nothing
+    changes: graphs off, per-request thresholds accepted."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
     from vllm.config import CUDAGraphMode
-    from vllm.platforms import current_platform
+    from vllm.exceptions import VLLMValidationError
+
+    from helpers import make_tiny_model, synthetic_router
+    from vllm_tide import plugin, request_control
+    model = make_tiny_model("llama", str(tmp_path / "m"), None, num_layers=8)
+    off, on = str(tmp_path / "off.safetensors"), str(tmp_path / "on.safetensors")
+    synthetic_router(model, off, {}, threshold=1.0)         # calibration found nothing that pays
+    synthetic_router(model, on, {}, threshold=0.8)
+    cuda, cpu = SimpleNamespace(is_cuda_alike=lambda: True), SimpleNamespace(is_cuda_alike=lambda: False)
+
+    def start(router, platform, **tide):
+        args = SimpleNamespace(model=model, additional_config={"tide": {"router": router, **tide}}, quantization=None,
+                               kv_cache_dtype="auto", pipeline_parallel_size=1, enforce_eager=False,
+                               compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"})
+        monkeypatch.setattr(plugin, "_pin_v1_model_runner", lambda: None)
+        import vllm.platforms
+        monkeypatch.setattr(vllm.platforms, "current_platform", platform)
+        assert plugin.check_request(args)
+        return args
+
+    def request(args, extra):
+        processor = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=args.additional_config))
+        req = SimpleNamespace(cache_salt=None)
+        request_control.check_and_salt(processor, SimpleNamespace(extra_args=extra), req)
+        return req.cache_salt
+
+    locked = start(off, cuda)
+    assert locked.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
+    assert locked.additional_config["tide"]["request_exits"] is False
+    with pytest.raises(VLLMValidationError, match="start it with --tide-threshold or --tide-preset"):
+        request(locked, {"tide_threshold": 0.5})
+    assert request(locked, {"tide_enabled": False}) == "tide:off" and request(locked, None) == "tide:default"
+    for args in (start(off, cuda, threshold=0.5), start(on, cuda), start(off, cpu)):
+        assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+        assert "request_exits" not in args.additional_config["tide"]
+        assert request(args, {"tide_threshold": 0.5}) == "tide:0.5"
+
+def test_top_level_request_fields_move_into_vllm_xargs():
+    """tide_* fields at the top level of a served request body (where vLLM's own extras go) reach the
+    per-request checks as if given in vllm_xargs; the same field in both places is one clear error."""
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.exceptions import VLLMValidationError
 
     from vllm_tide import plugin
-    monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: True)
-    said = []
-    monkeypatch.setattr(plugin.logger, "warning", lambda msg, *a: said.append(msg % a))
-    for exits_off in (False, True):
-        args = SimpleNamespace(enforce_eager=False, compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"})
-        plugin._no_cuda_graphs(args, exits_off=exits_off)
-        assert args.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
-    assert "CUDA graphs are off" in said[0] and "keeps exits off" not in said[0]
-    assert "keeps exits off" in said[1] and "drop --plugin tide" in said[1]
+    from vllm_tide.request_control import move_top_level_fields
+    req = CompletionRequest(model="m", prompt="hi", tide_threshold=0.7, top_k=3, vllm_xargs={"other": 1})
+    move_top_level_fields(req)
+    assert req.vllm_xargs == {"other": 1, "tide_threshold": 0.7} and "tide_threshold" not in req.model_extra
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tide_enabled=False)
+    move_top_level_fields(chat)
+    assert chat.vllm_xargs == {"tide_enabled": False}
+    plain = CompletionRequest(model="m", prompt="hi")
+    move_top_level_fields(plain)
+    assert plain.vllm_xargs is None
+    both = CompletionRequest(model="m", prompt="hi", tide_threshold=0.7, vllm_xargs={"tide_threshold": 0.5})
+    with pytest.raises(VLLMValidationError, match="both at the top level of the request and in vllm_xargs"):
+        move_top_level_fields(both)
+    # the serving path: vLLM's own to_sampling_params, patched, carries them into extra_args
+    plugin._patch_request_bodies()
+    params = CompletionRequest(model="m", prompt="hi", max_tokens=2, tide_threshold=0.7).to_sampling_params(
+        max_tokens=2, default_sampling_params={})
+    assert params.extra_args == {"tide_threshold": 0.7}
+
+
+def test_cpu_dtype_is_bf16_only_where_native_and_faster():
+    import torch
+
+    from vllm_tide import cpu_dtype
+    assert cpu_dtype.choose(flags={"avx2", "fma"})[0] == torch.float32            # emulated bf16: never
+    assert "no native bf16" in cpu_dtype.choose(flags={"avx2"})[1]
+    assert cpu_dtype.choose(flags={"avx512_bf16"}, timings=(1.0, 0.4))[0] == torch.bfloat16
+    slow = cpu_dtype.choose(flags={"amx_bf16"}, timings=(1.0, 0.95))
+    assert slow[0] == torch.float32 and "measured only 1.05x" in slow[1]
+    dtype, why = cpu_dtype.choose()           # this machine: whichever its probe says, with the reason
+    assert dtype in (torch.float32, torch.bfloat16) and why.startswith(str(dtype).replace("torch.", ""))
+
+
+def test_ops_library_is_looked_for_in_the_variable_then_the_installed_package(tmp_path, monkeypatch):
+    import vllm_tide
+    from vllm_tide import ops
+    monkeypatch.setenv("TIDE_OPS_LIBRARY", str(tmp_path / "mine.so"))
+    package = os.path.dirname(vllm_tide.__file__)
+    installed = os.path.join(package, "libtide_ops.so")
+    made = not os.path.exists(installed)
+    if made:
+        open(installed, "w").close()
+    try:
+        found = ops.library_candidates()
+    finally:
+        if made:
+            os.remove(installed)
+    assert found[0] == str(tmp_path / "mine.so") and found[1] == installed

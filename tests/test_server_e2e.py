@@ -69,21 +69,30 @@ def test_data_parallel_serving_with_tide(tmp_path):
                                "--max-model-len", "512", "--dtype", "float32"], env=server_env(), stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        wait_healthy(server, base, log_path, timeout=240)
+        # two engines and two API servers on 2 cores: minutes on a slow CPU; the bound only guards a hang
+        wait_healthy(server, base, log_path, timeout=1500)
         # several requests, so that both servers (the kernel spreads connections over them) and both
         # engines take some
         prompt_tokens = generated = 0
         for i in range(8):
             xargs = [{"tide_threshold": 0.95}, {"tide_enabled": 0}, {}, {"tide_threshold": 0.5}][i % 4]
+            # the same fields at the top level of the body, where vLLM's own extras go, for half of them
+            where = {"vllm_xargs": xargs} if i < 4 else xargs
             status, body = http(base + "/v1/completions", {"model": model, "prompt": f"Request number {i} says",
-                                                           "max_tokens": 6, "temperature": 0, "vllm_xargs": xargs})
+                                                           "max_tokens": 6, "temperature": 0, **where})
             assert status == 200, body
             out = json.loads(body)
             prompt_tokens += out["usage"]["prompt_tokens"]
             generated += out["usage"]["completion_tokens"]
+        for bad in ({"vllm_xargs": {"tide_threshold": 7}}, {"tide_threshold": 7}):
+            status, body = http(base + "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2, **bad})
+            assert status == 400 and "tide_threshold must be a number in (0, 1]" in json.loads(body)["error"]["message"]
+        status, body = http(base + "/v1/chat/completions", {"model": model, "max_tokens": 2, "tide_treshold": 0.5,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 400 and "Unknown TIDE request parameter 'tide_treshold'" in body
         status, body = http(base + "/v1/completions", {"model": model, "prompt": "Hi", "max_tokens": 2,
-                                                       "vllm_xargs": {"tide_threshold": 7}})
-        assert status == 400 and "tide_threshold must be a number in (0, 1]" in json.loads(body)["error"]["message"]
+                                                       "tide_enabled": False, "vllm_xargs": {"tide_enabled": 0}})
+        assert status == 400 and "both at the top level" in body
         for _ in range(4):
             status, text = http(base + "/metrics")
             series = tide_metrics(text)

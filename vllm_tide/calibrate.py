@@ -17,6 +17,7 @@ step 4 in vllm_tide.operating_points, and the printed report in vllm_tide.calibr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -29,11 +30,11 @@ from tqdm import tqdm
 from .calibration_report import print_report
 from .checkpoint import CRITERIA, PROJECTIONS, RouterCheckpoint, checkpoint_layers
 from .errors import TideConfigError, exit_on_config_error
-from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metrics, fit_projection, kl_labels,
-                          train_router)
+from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metrics, exit_outcomes, fit_projection,
+                          kl_labels, sample, train_router)
 from .fingerprint import model_identity
-from .operating_points import (PropagatedEval, choose_post_hoc, choose_presets, exit_summary, simulate_exits,
-                               suggestion)
+from .operating_points import (PostHocBound, PropagatedEval, choose_post_hoc, choose_presets, exit_summary,
+                               simulate_exits, suggestion)
 
 
 @dataclass
@@ -41,14 +42,20 @@ class CalibrationConfig:
     model: str
     output: str
     corpus: list[str] = field(default_factory=list)   # empty: the fixed calibration split
-    max_tokens: int = 110_000
+    # Tokens of the calibration pass: the affine exit maps are fitted on all of them, and routers are
+    # trained on label_tokens of them (labels cost one full-vocabulary product per checkpoint and
+    # token, more than the forward pass). Sized on the default model: 32k/16k keep router AUC and
+    # the chosen points of the 110k-token calibration (docs/CALIBRATION.md).
+    max_tokens: int = 32_768
+    label_tokens: int = 16_384
+    validation_tokens: int = 4_096   # the validation pass: router AUC, post-hoc figures, propagated text
     seq_len: int = 512
     interval: int = 4
     # defaults chosen from the frontier on development data (benchmarks/frontier.py, docs/MEASUREMENTS.md)
     criterion: str = "kl"
     exit_projection: str = "affine"
     device: str = "cpu"
-    dtype: str = "auto"          # bfloat16 on CPU (2x faster forward and LM head), float32 on CUDA
+    dtype: str = "auto"          # CPU: bfloat16 only where native and measured faster (cpu_dtype); CUDA: float32
     bottleneck: int = 128
     epochs: int = 4
     cosine_threshold: float = 0.98
@@ -76,6 +83,10 @@ class CalibrationConfig:
             raise TideConfigError(f"Unknown exit projection {self.exit_projection!r}; use one of {', '.join(PROJECTIONS)}.")
         if self.max_tokens < 1000:
             raise TideConfigError(f"--max-tokens must be at least 1000 to train routers, got {self.max_tokens}.")
+        if self.label_tokens < 500:
+            raise TideConfigError(f"--label-tokens must be at least 500 to train routers, got {self.label_tokens}.")
+        if self.validation_tokens < 2 * 32:
+            raise TideConfigError(f"--validation-tokens must be at least 64, got {self.validation_tokens}.")
         if not 0.5 <= self.target_agreement <= 1.0:
             raise TideConfigError(f"--target-agreement must be in [0.5, 1], got {self.target_agreement}.")
         if not self.kl_bound > 0:
@@ -93,11 +104,24 @@ class CalibrationConfig:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
         from .corpus import check_paths
         check_paths(self.corpus, "--corpus")
+        self.model = local_model_dir(self.model)
         if self.output:
             _check_output(self.output)
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TideConfigError("--device cuda needs a CUDA GPU and a CUDA build of torch, and this machine has "
                                   "neither usable; calibrate with --device cpu or on a GPU machine.")
+
+
+def local_model_dir(model: str) -> str:
+    """A model folder, or a Hugging Face model id found in the local hub cache (offline, as the plugin
+    finds it): the folder it resolves to."""
+    from .fingerprint import resolve_model_dir
+    folder = resolve_model_dir(model)
+    if folder is None:
+        raise TideConfigError(f"--model {model!r} is neither a model folder nor a model id in the local Hugging Face "
+                              f"cache (HF_HOME); download it first (e.g. `huggingface-cli download {model}`) or pass "
+                              f"its folder.")
+    return folder
 
 
 def _check_output(path: str) -> None:
@@ -151,7 +175,7 @@ def load_sequences(tokenizer, cfg: CalibrationConfig) -> tuple[list[list[int]], 
     if not train or not val:
         raise TideConfigError("The calibration corpus is empty or too short (need at least ten 32-token "
                               "chunks); pass text files or folders with --corpus.")
-    return _spread(train, cfg.max_tokens), _spread(val, max(cfg.max_tokens // 10, 2 * cfg.seq_len)), name
+    return _spread(train, cfg.max_tokens), _spread(val, cfg.validation_tokens), name
 
 
 # ----------------------------------------------------------------------------- states
@@ -171,36 +195,73 @@ class Collected:
     lm_w: torch.Tensor                     # the LM head's weight, on the model's device
     corpus_name: str
     dtype: torch.dtype
+    dtype_reason: str
     seconds: float
+    stages: dict[str, float]               # wall seconds per stage of the collection
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def calibration_dtype(cfg: CalibrationConfig, hidden_size: int) -> tuple[torch.dtype, str]:
+    """(dtype, why): as asked, else float32 on CUDA (exact labels) and, on a CPU, bfloat16 only where
+    it is native and measured faster (on an AVX2-only CPU it is emulated and ~6x slower)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype], f"{cfg.dtype}: --dtype {cfg.dtype}"
+    if cfg.device != "cpu":
+        return torch.float32, "float32: the default on a GPU"
+    from . import cpu_dtype
+    return cpu_dtype.choose(hidden_size)
 
 
 def _load_model(cfg: CalibrationConfig):
-    """(tokenizer, frozen model in the calibration dtype, that dtype)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = {"auto": torch.bfloat16 if cfg.device == "cpu" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    """(tokenizer, frozen model in the calibration dtype, that dtype, why that dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    config = AutoConfig.from_pretrained(cfg.model)
+    dtype, why = calibration_dtype(cfg, getattr(config, "hidden_size", 1024))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
-    return tokenizer, model, dtype
+    return tokenizer, model, dtype, why
+
+
+class Stages:
+    """Wall seconds per calibration stage, for the report (what a user waits for, and where)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t0, 1)
 
 
 def collect(cfg: CalibrationConfig) -> Collected:
     cfg.validate()
     t0 = time.time()
+    stage = Stages()
     torch.manual_seed(cfg.seed)
-    identity = model_identity(cfg.model)
-    tokenizer, model, dtype = _load_model(cfg)
+    with stage("load model"):
+        identity = model_identity(cfg.model)
+        tokenizer, model, dtype, why = _load_model(cfg)
+    print(f"TIDE calibration dtype {why}", file=sys.stderr)
     num_layers = model.config.num_hidden_layers
     layers = checkpoint_layers(num_layers, cfg.interval)
     if cfg.min_layer is not None and not 0 <= cfg.min_layer < num_layers:
         raise TideConfigError(f"--min-layer must be in 0..{num_layers - 1}, got {cfg.min_layer}.")
     train_seqs, val_seqs, corpus_name = load_sequences(tokenizer, cfg)
-    train = collect_states(model, train_seqs, layers, cfg.device, "calibration pass")
-    val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
-    answers = own_answers(model, tokenizer, val_seqs, cfg)
+    with stage("calibration pass"):
+        train = collect_states(model, train_seqs, layers, cfg.device, "calibration pass")
+    with stage("validation pass"):
+        val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
+    with stage("own answers"):
+        answers = own_answers(model, tokenizer, val_seqs, cfg)
     lm_w = model.get_output_embeddings().weight.detach()     # on the model's device, like the LM head
     return Collected(model, identity, num_layers, layers, train, val, val_seqs, answers, lm_w, corpus_name, dtype,
-                     time.time() - t0)
+                     why, time.time() - t0, stage.seconds)
 
 
 def own_answers(model, tokenizer, val_seqs: list[list[int]], cfg: CalibrationConfig) -> list[tuple[list[int], int]]:
@@ -220,40 +281,48 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         cfg.validate()
     t0 = time.time()
     col = collected or collect(cfg)
+    stage = Stages()
     train, val, lm_w, layers = col.train, col.val, col.lm_w, col.layers
 
-    projections = {c: fit_projection(cfg.exit_projection, train.z[c], train, lm_w, cfg.ridge, cfg.affine_rank,
-                                     cfg.seed + c)
-                   for c in tqdm(layers, desc="exit projections", unit="ckpt", file=sys.stderr)}
-    train_m = exit_metrics(train, projections, lm_w, with_kl=cfg.criterion == "kl", with_nll=False,
-                           desc="exit outcomes (calibration)")
-    val_m = exit_metrics(val, projections, lm_w, with_kl=True, desc="exit outcomes (validation)")
+    with stage("exit projections"):
+        projections = {c: fit_projection(cfg.exit_projection, train.z[c], train.final, cfg.ridge, cfg.affine_rank)
+                       for c in tqdm(layers, desc="exit projections", unit="ckpt", file=sys.stderr)}
+    # routers learn from a random sample of the calibration tokens (in random order, so the first
+    # chunk, which fits the temperatures, is a sample too)
+    labelled = train.rows(sample(len(train), cfg.label_tokens, cfg.seed))
+    with stage("labels"):
+        train_m, projections = exit_outcomes(labelled, projections, lm_w, with_kl=cfg.criterion == "kl",
+                                             with_nll=False, fit_temperatures=True, desc="exit outcomes (labels)")
+        val_m = exit_metrics(val, projections, lm_w, with_kl=True, desc="exit outcomes (validation)")
 
     routers, report, val_scores, router_mods = {}, [], {}, {}
-    for c in tqdm(layers, desc="routers", unit="ckpt", file=sys.stderr):
-        if cfg.criterion == "top1":
-            y, y_val = train_m[c].agree, val_m[c].agree
-        elif cfg.criterion == "kl":
-            y, y_val = kl_labels(train_m[c], cfg.kl_bound), kl_labels(val_m[c], cfg.kl_bound)
-        else:
-            y = cosine_labels(train.z[c], projections[c], train.final, cfg.cosine_threshold)
-            y_val = cosine_labels(val.z[c], projections[c], val.final, cfg.cosine_threshold)
-        router = train_router(train.z[c], y, cfg.bottleneck, cfg.epochs, cfg.seed + c)
-        router_mods[c] = router
-        routers[c] = {k: v.detach().clone() for k, v in router.state_dict().items()}
-        with torch.no_grad():
-            val_scores[c] = router(val.z[c].float())
-        kl = val_m[c].kl
-        report.append({"layer": c, "positive_rate": y_val.float().mean().item(), "auc": auc(val_scores[c], y_val),
-                       "exit_top1_agreement": val_m[c].agree.float().mean().item(),
-                       "exit_kl_median": kl.median().item(), "_labels": y_val})
+    with stage("routers"):
+        for c in tqdm(layers, desc="routers", unit="ckpt", file=sys.stderr):
+            if cfg.criterion == "top1":
+                y, y_val = train_m[c].agree, val_m[c].agree
+            elif cfg.criterion == "kl":
+                y, y_val = kl_labels(train_m[c], cfg.kl_bound), kl_labels(val_m[c], cfg.kl_bound)
+            else:
+                y = cosine_labels(labelled.z[c], projections[c], labelled.final, cfg.cosine_threshold)
+                y_val = cosine_labels(val.z[c], projections[c], val.final, cfg.cosine_threshold)
+            router = train_router(labelled.z[c], y, cfg.bottleneck, cfg.epochs, cfg.seed + c)
+            router_mods[c] = router
+            routers[c] = {k: v.detach().clone() for k, v in router.state_dict().items()}
+            with torch.no_grad():
+                val_scores[c] = router(val.z[c].float())
+            kl = val_m[c].kl
+            report.append({"layer": c, "positive_rate": y_val.float().mean().item(), "auc": auc(val_scores[c], y_val),
+                           "exit_top1_agreement": val_m[c].agree.float().mean().item(),
+                           "exit_kl_median": kl.median().item(), "_labels": y_val})
 
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
     propagated, evaluations, presets, unpaid = None, [], {}, {}
     if cfg.select_tokens > 0:
         evaluate = PropagatedEval(col.model, _select_seqs(col.val_seqs, cfg.select_tokens), router_mods, projections,
                                   col.num_layers, col.answers)
-        with tqdm(desc="propagated choice", unit="point", file=sys.stderr) as bar:
+        # post-hoc figures bound the propagated ones: where the search starts, and which depths it skips
+        bound = PostHocBound(val_scores, val_m, col.num_layers)
+        with stage("propagated choice"), tqdm(desc="propagated choice", unit="point", file=sys.stderr) as bar:
             inner = evaluate.__call__
 
             def counted(t, m):
@@ -262,7 +331,7 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                 bar.update(int(fresh))
                 return r
             presets, unpaid = choose_presets(counted, layers, cfg.target_agreement, cfg.max_ppl_increase,
-                                             cfg.min_layer, col.num_layers, cfg.checkpoint_cost)
+                                             cfg.min_layer, col.num_layers, cfg.checkpoint_cost, bound)
             propagated = presets["default"]
         evaluations = list(evaluate.results.values())
         chosen = propagated
@@ -294,9 +363,10 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     ckpt = RouterCheckpoint(
         model=col.identity, layers=layers, bottleneck=cfg.bottleneck, routers=routers,
         projection=cfg.exit_projection, projections={c: p for c, p in projections.items() if p is not None},
-        criterion=cfg.criterion, corpus=col.corpus_name, tokens=len(train.top1), suggested_threshold=threshold,
+        criterion=cfg.criterion, corpus=col.corpus_name, tokens=len(train), suggested_threshold=threshold,
         suggested_min_layer=min_layer,
-        extra={"validation": report, "validation_tokens": len(val.top1), "post_hoc": overall,
+        extra={"validation": report, "validation_tokens": len(val), "label_tokens": len(labelled),
+               "post_hoc": overall,
                "answer_tokens": sum(len(seq) - n for seq, n in col.answers),
                "answer_prompts": cfg.answer_prompts or "built-in instructions about validation passages",
                "propagated": chosen if cfg.select_tokens > 0 else None, "propagated_evaluations": evaluations,
@@ -305,7 +375,9 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                "checkpoint_cost": cfg.checkpoint_cost,
                "kl_bound": cfg.kl_bound if cfg.criterion == "kl" else None,
                "temperatures": {str(c): p.temperature for c, p in projections.items() if p is not None},
-               "calibration_dtype": str(col.dtype).replace("torch.", ""),
+               "calibration_dtype": str(col.dtype).replace("torch.", ""), "calibration_dtype_reason": col.dtype_reason,
+               # wall seconds per stage (the collection's only when this call made it)
+               "stage_seconds": {**(col.stages if collected is None else {}), **stage.seconds},
                # this call's wall time: with its own collection (inside it) or on a shared one (without it)
                "seconds": round(time.time() - t0, 1)})
     ckpt.save(cfg.output)
@@ -317,7 +389,7 @@ def add_presets(cfg: CalibrationConfig, path: str) -> RouterCheckpoint:
     """Compute the named presets for an existing checkpoint (propagated, on the validation split),
     reusing the propagated measurements it already stores."""
     ckpt = RouterCheckpoint.load(path)
-    tokenizer, model, _ = _load_model(cfg)
+    tokenizer, model, _, _ = _load_model(cfg)
     _, val_seqs, _ = load_sequences(tokenizer, cfg)
     routers = {c: ckpt.router_module(c).eval() for c in ckpt.layers}
     answers = own_answers(model, tokenizer, val_seqs, cfg)
@@ -348,7 +420,12 @@ def parse_args(argv=None) -> CalibrationConfig:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--output", required=True, help="router checkpoint to write (.safetensors)")
     p.add_argument("--corpus", nargs="*", default=[], help="text files or folders (default: the fixed SOTU split)")
-    p.add_argument("--max-tokens", type=int, default=CalibrationConfig.max_tokens)
+    p.add_argument("--max-tokens", type=int, default=CalibrationConfig.max_tokens,
+                   help="tokens of the calibration pass (exit projections are fitted on all of them)")
+    p.add_argument("--label-tokens", type=int, default=CalibrationConfig.label_tokens,
+                   help="calibration tokens, sampled, that get exit labels and train the routers")
+    p.add_argument("--validation-tokens", type=int, default=CalibrationConfig.validation_tokens,
+                   help="tokens of held-out validation text (router AUC, post-hoc and propagated figures)")
     p.add_argument("--seq-len", type=int, default=CalibrationConfig.seq_len)
     p.add_argument("--interval", type=int, default=CalibrationConfig.interval)
     p.add_argument("--criterion", default=CalibrationConfig.criterion, choices=CRITERIA)

@@ -10,6 +10,10 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     x = ckpt.extra
     print(f"\nTIDE calibration: {ckpt.tokens} tokens ({ckpt.corpus}), criterion={ckpt.criterion}, "
           f"exit projection={ckpt.projection}, {x['seconds']} s")
+    if x.get("calibration_dtype_reason"):
+        print(f"dtype {x['calibration_dtype_reason']}")
+    if x.get("stage_seconds"):
+        print("stages: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in x["stage_seconds"].items()))
     ph = x["post_hoc"]
     at = (ph.get("threshold", ckpt.suggested_threshold), ph.get("min_layer", ckpt.suggested_min_layer))
     print(f"validation ({x['validation_tokens']} tokens); exit rate, precision, recall and post-hoc fidelity "

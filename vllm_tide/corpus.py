@@ -15,7 +15,9 @@ import re
 from .errors import TideConfigError
 
 SPLITS = ("calibration", "validation", "dev", "test")
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+# a repo checkout's data/ (make setup fetches it); TIDE_DATA_DIR points elsewhere
+DEFAULT_DATA_DIR = os.environ.get("TIDE_DATA_DIR") or \
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def _sotu(data_dir: str) -> list[tuple[int, str]]:
@@ -36,8 +38,9 @@ def split_files(split: str, data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
         held = {p for i, p in enumerate(early) if i % 10 == 9}
         files = [p for p in early if (p in held) == (split == "validation")]
     if not files:
-        raise TideConfigError(f"There is no text for the {split!r} split under {data_dir}; run `make setup` to fetch "
-                              f"the corpora, or pass your own text with --corpus.")
+        raise TideConfigError(f"There is no text for the {split!r} split under {data_dir} (the fixed split's corpora "
+                              f"come with a repo checkout's `make setup`); pass your own text with --corpus "
+                              f"FILES_OR_FOLDERS, or set TIDE_DATA_DIR to a folder holding sotu/ and moby-dick/.")
     return files
 
 

@@ -17,19 +17,29 @@ from tqdm import tqdm
 from .projection import ExitProjection, fit_affine, fit_temperature
 from .router import Router, router_input
 
-TEMPERATURE_SAMPLE = 2048     # tokens per checkpoint for the temperature fit (one scalar)
+TEMPERATURE_SAMPLE = 1024     # tokens per checkpoint for the temperature fit (one scalar)
 
 
 @dataclass
 class States:
     z: dict[int, torch.Tensor]     # checkpoint -> router inputs [N, D]
     final: torch.Tensor            # final normed state, what the LM head sees [N, D]
-    top1: torch.Tensor             # full model's top-1 [N]
+    top1: torch.Tensor | None      # full model's top-1 [N]; None: exit_outcomes computes it from ``final``
     target: torch.Tensor           # the next token in the text [N], -1 at the end of a sequence
+
+    def __len__(self) -> int:
+        return len(self.final)
+
+    def rows(self, idx: torch.Tensor) -> "States":
+        return States({c: z[idx] for c, z in self.z.items()}, self.final[idx],
+                      None if self.top1 is None else self.top1[idx], self.target[idx])
 
 
 @torch.no_grad()
 def collect_states(model, seqs: list[list[int]], layers: list[int], device: str, desc: str) -> States:
+    """Router inputs and final states for every token, from the decoder stack alone: the LM head is
+    not run here (the full model's top-1 and distribution are computed where they are needed, on
+    the rows that get labels)."""
     decoder = model.model.layers
     norm = model.model.norm
     captured: dict[int, torch.Tensor] = {}
@@ -42,12 +52,10 @@ def collect_states(model, seqs: list[list[int]], layers: list[int], device: str,
 
     handles = [decoder[i].register_forward_hook(hook(i)) for i in sorted(watch)]
     z = {c: [] for c in layers}
-    finals, tops = [], []
+    finals = []
     try:
         for seq in tqdm(seqs, desc=desc, unit="seq", file=sys.stderr):
-            ids = torch.tensor([seq], device=device)
-            logits = model(input_ids=ids).logits[0]
-            tops.append(logits.argmax(-1).cpu())
+            model.model(input_ids=torch.tensor([seq], device=device), use_cache=False)
             eps = norm.variance_epsilon
             for c in layers:
                 z[c].append(router_input(captured[c][0], norm.weight, eps).cpu())
@@ -56,7 +64,7 @@ def collect_states(model, seqs: list[list[int]], layers: list[int], device: str,
         for h in handles:
             h.remove()
     targets = torch.cat([torch.tensor(seq[1:] + [-1]) for seq in seqs])
-    return States({c: torch.cat(v) for c, v in z.items()}, torch.cat(finals), torch.cat(tops), targets)
+    return States({c: torch.cat(v) for c, v in z.items()}, torch.cat(finals), None, targets)
 
 
 # ----------------------------------------------------------------------------- projections and labels
@@ -65,76 +73,130 @@ def apply_projection(z: torch.Tensor, proj: ExitProjection | None) -> torch.Tens
     return z if proj is None else proj.apply(z).to(z.dtype)
 
 
-def _sample(n: int, k: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+def sample(n: int, k: int, seed: int) -> torch.Tensor:
+    """k of n row indices, uniformly at random (seeded), in random order: any prefix is a sample too."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
 
 
 @torch.no_grad()
-def fit_projection(kind: str, z: torch.Tensor, states: "States", lm_w: torch.Tensor, ridge: float,
-                   rank: int | None, seed: int) -> ExitProjection | None:
-    """identity: None; temperature: T by KL; affine: least squares to the final state, then T by KL."""
+def fit_projection(kind: str, z: torch.Tensor, final: torch.Tensor, ridge: float,
+                   rank: int | None) -> ExitProjection | None:
+    """identity: None; temperature: T = 1 until exit_outcomes fits it; affine: least squares to the
+    final state (its temperature is fitted the same way, on the exit logits the labels use)."""
     if kind == "identity":
         return None
-    proj = fit_affine(z.float(), states.final.float(), ridge, rank) if kind == "affine" else ExitProjection()
-    idx = _sample(len(z), TEMPERATURE_SAMPLE, seed)
-    w = lm_w.float()        # on the model's device, where the sample's logits are computed
-    final_logp = torch.log_softmax(states.final[idx].to(w.device).float() @ w.T, -1)
-    exit_logits = proj.to(w.device).apply(z[idx].to(w.device)) @ w.T
-    return dataclasses.replace(proj, temperature=fit_temperature(exit_logits, final_logp))
+    return fit_affine(z.float(), final.float(), ridge, rank) if kind == "affine" else ExitProjection()
 
 
 @dataclass
 class ExitMetrics:
     agree: torch.Tensor            # exit top-1 == full model top-1 [N]
-    kl: torch.Tensor | None        # KL(final || exit) [N] (when asked for)
-    nll_exit: torch.Tensor         # -log p_exit(next token) [N] (nan where there is no next token)
+    kl: torch.Tensor | None        # KL(final || exit) [N] (when asked for; labels only: inf where agree is False)
+    nll_exit: torch.Tensor         # -log p_exit(next token) [N] (nan where there is no next token, or not asked for)
     nll_final: torch.Tensor        # -log p_final(next token) [N]
 
 
+SHORTLIST_TOP = 16    # each row's most likely final tokens, pooled over a chunk: the exits' usual rivals
+
+
+def _kl(final_p: torch.Tensor, final_logp: torch.Tensor, logits: torch.Tensor, b: float) -> torch.Tensor:
+    """KL(final || softmax(b * logits)) per row, each term's difference taken before the sum (exact in fp32)."""
+    return (final_p * (final_logp - torch.log_softmax(logits * b if b != 1.0 else logits, -1))).sum(-1)
+
+
 @torch.no_grad()
-def exit_metrics(states: "States", projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
-                 with_kl: bool, with_nll: bool = True, chunk: int = 4096,
-                 desc: str | None = None) -> dict[int, ExitMetrics]:
-    """For every checkpoint and token, what exiting there would give: one chunked pass in which the
-    full model's distribution is computed once per chunk and compared with each checkpoint's exit.
-    It runs where ``lm_w`` is (the model's device: on a GPU the LM-head products dominate calibration);
-    the states stay on the CPU and so do the results."""
+def exit_outcomes(states: States, projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
+                  with_kl: bool, with_nll: bool = True, fit_temperatures: bool = False, chunk: int = 4096,
+                  desc: str | None = None) -> tuple[dict[int, ExitMetrics], dict[int, ExitProjection | None]]:
+    """For every checkpoint and token, what exiting there would give; and, with ``fit_temperatures``,
+    each projection's temperature, fitted by KL on the first TEMPERATURE_SAMPLE rows (pass the rows in
+    random order, so those are a sample).
+
+    One chunked pass: per chunk the full model's logits are computed once and shared by every checkpoint.
+    Without NLLs (labels), a checkpoint's full-vocabulary product is only computed for the rows that may
+    agree: its logits over a shortlist (every row's SHORTLIST_TOP final tokens, pooled over the chunk)
+    already show most disagreeing rows, where another token beats the final top-1, and those need no
+    KL either (a label needs both). Every other row gets its exact argmax and KL from the full product.
+    Temperatures scale logits, so the argmax, the fit and the KL come from one product per row. It
+    runs where ``lm_w`` is (the model's device); the states stay on the CPU and so do the results.
+    """
     layers = sorted(projections)
-    projections = {c: None if p is None else p.to(lm_w.device) for c, p in projections.items()}
+    dev = {c: None if p is None else p.to(lm_w.device) for c, p in projections.items()}
+    fitted = dict(projections)
     parts = {c: [] for c in layers}
     finals = []
     w = lm_w
-    n = len(states.top1)
+    n = len(states)
+    fit_rows = TEMPERATURE_SAMPLE if fit_temperatures else 0
     # with ``desc``, a progress bar: full-vocabulary products at every checkpoint take minutes on a CPU
-    for s in tqdm(range(0, n, chunk), desc=desc, unit="chunk", file=sys.stderr, disable=desc is None):
-        def rows(t: torch.Tensor, s: int = s) -> torch.Tensor:     # this chunk's rows, on the LM head's device
-            return t[s:s + chunk].to(w.device)
+    starts = ([0] if fit_rows else []) + list(range(fit_rows, n, chunk))
+    for k, s in enumerate(tqdm(starts, desc=desc, unit="chunk", file=sys.stderr, disable=desc is None)):
+        e = starts[k + 1] if k + 1 < len(starts) else n
+        fitting = fit_rows and s == 0
+
+        def rows(t: torch.Tensor, s: int = s, e: int = e) -> torch.Tensor:   # this chunk's rows, on the LM head's device
+            return t[s:e].to(w.device)
         tgt = rows(states.target)
         has = tgt >= 0
         safe = tgt.clamp(min=0)[:, None]
-        need_logp = with_kl or with_nll
-        if need_logp:
-            final_logp = torch.log_softmax((rows(states.final).to(w.dtype) @ w.T).float(), -1)
-            final_p = final_logp.exp() if with_kl else None
-            finals.append(torch.where(has, -final_logp.gather(1, safe)[:, 0], torch.nan).cpu())
-        else:
-            finals.append(torch.full((len(tgt),), torch.nan))
+        final_logits = (rows(states.final).to(w.dtype) @ w.T).float()
+        top1 = final_logits.argmax(-1) if states.top1 is None else rows(states.top1)
+        need_logp = with_kl or with_nll or fitting
+        final_logp = torch.log_softmax(final_logits, -1) if need_logp else None
+        final_p = final_logp.exp() if with_kl else None
+        finals.append(torch.where(has, -final_logp.gather(1, safe)[:, 0], torch.nan).cpu() if with_nll
+                      else torch.full((len(tgt),), torch.nan))
+        shortlist = None
+        if not (with_nll or fitting):
+            shortlist = torch.unique(torch.cat([top1, final_logits.topk(SHORTLIST_TOP, -1).indices.flatten()]))
+            top1_at = torch.searchsorted(shortlist, top1)          # the final top-1's column in the shortlist
+        del final_logits
         for c in layers:
-            h = apply_projection(rows(states.z[c]).to(w.dtype), projections[c])
-            logits = h @ w.T
-            agree = (logits.argmax(-1) == rows(states.top1)).cpu()
-            nll = kl = None
-            if need_logp:
-                lq = torch.log_softmax(logits.float(), -1)
-                nll = torch.where(has, -lq.gather(1, safe)[:, 0], torch.nan).cpu()
-                kl = (final_p * (final_logp - lq)).sum(-1).cpu() if with_kl else None
-            else:
-                nll = torch.full((len(tgt),), torch.nan)
+            proj = dev[c]
+            h = rows(states.z[c]).to(w.dtype)
+            if proj is not None:       # the projection before its temperature
+                h = dataclasses.replace(proj, temperature=1.0).apply(h).to(w.dtype)
+            b = 1.0 if proj is None else 1.0 / proj.temperature
+            if shortlist is not None:
+                short = (h @ w[shortlist].T).float()
+                maybe = (short.argmax(-1) == top1_at).nonzero()[:, 0]      # no shortlisted token beats it
+                agree = torch.zeros(len(h), dtype=torch.bool, device=w.device)
+                kl = torch.full((len(h),), torch.inf, device=w.device) if with_kl else None
+                if len(maybe):
+                    logits = (h[maybe] @ w.T).float()
+                    agree[maybe] = logits.argmax(-1) == top1[maybe]
+                    if with_kl:
+                        sure = maybe[agree[maybe]]
+                        kl[sure] = _kl(final_p[sure], final_logp[sure], logits[agree[maybe]], b)
+                parts[c].append((agree.cpu(), None if kl is None else kl.cpu(), torch.full((len(h),), torch.nan)))
+                continue
+            logits = (h @ w.T).float()
+            if fitting and proj is not None:
+                t = fit_temperature(logits, final_logp)
+                dev[c] = proj = dataclasses.replace(proj, temperature=t)
+                fitted[c] = dataclasses.replace(projections[c], temperature=t)
+                b = 1.0 / t
+            agree = (logits.argmax(-1) == top1).cpu()
+            kl = _kl(final_p, final_logp, logits, b).cpu() if with_kl else None
+            if kl is not None and not with_nll:      # labels: as the shortlisted chunks give it
+                kl[~agree] = torch.inf
+            nll = torch.full((len(h),), torch.nan)
+            if with_nll:
+                lse = torch.logsumexp(logits * b if b != 1.0 else logits, -1)
+                nll = torch.where(has, lse - b * logits.gather(1, safe)[:, 0], torch.nan).cpu()
             parts[c].append((agree, kl, nll))
     nll_final = torch.cat(finals)
-    return {c: ExitMetrics(torch.cat([p[0] for p in parts[c]]),
-                           torch.cat([p[1] for p in parts[c]]) if with_kl else None,
-                           torch.cat([p[2] for p in parts[c]]), nll_final) for c in layers}
+    metrics = {c: ExitMetrics(torch.cat([p[0] for p in parts[c]]),
+                              torch.cat([p[1] for p in parts[c]]) if with_kl else None,
+                              torch.cat([p[2] for p in parts[c]]), nll_final) for c in layers}
+    return metrics, fitted
+
+
+def exit_metrics(states: States, projections: dict[int, ExitProjection | None], lm_w: torch.Tensor,
+                 with_kl: bool, with_nll: bool = True, chunk: int = 4096,
+                 desc: str | None = None) -> dict[int, ExitMetrics]:
+    """exit_outcomes' metrics for projections as they are (temperatures already fitted)."""
+    return exit_outcomes(states, projections, lm_w, with_kl, with_nll, chunk=chunk, desc=desc)[0]
 
 
 def kl_labels(m: ExitMetrics, bound: float) -> torch.Tensor:

@@ -83,6 +83,37 @@ def choose_post_hoc(scores, metrics, num_layers: int, target: float, max_ppl: fl
     return best
 
 
+class PostHocBound:
+    """What post-hoc figures (exit logits taken at the exit, later tokens see the full model) say about a
+    propagated search, from the validation scores alone (no model runs). Propagation only adds error
+    (exited tokens' K/V come from their frozen state), so at a minimum depth no threshold below the
+    lowest one meeting a bar post hoc is worth simulating, and a depth whose post-hoc saving there,
+    with a margin, cannot beat the best point found so far need not be simulated at all."""
+
+    # post-hoc skipping can undershoot the propagated one a little (different later exits): allow it
+    MARGIN = 1.1
+
+    def __init__(self, scores: dict[int, torch.Tensor], metrics: dict[int, ExitMetrics], num_layers: int):
+        self.scores, self.metrics, self.num_layers = scores, metrics, num_layers
+        self._cache: dict[tuple[float, int], dict] = {}
+
+    def figures(self, threshold: float, min_layer: int) -> dict:
+        key = (threshold, min_layer)
+        if key not in self._cache:
+            self._cache[key] = exit_summary(simulate_exits(self.scores, threshold, min_layer), self.metrics,
+                                            self.num_layers)
+        return self._cache[key]
+
+    def start(self, ok, min_layer: int) -> int:
+        """Index of the lowest grid threshold whose post-hoc figures meet ``ok`` (the grid's top if none)."""
+        return next((i for i, t in enumerate(THRESHOLD_GRID) if ok(self.figures(t, min_layer))),
+                    len(THRESHOLD_GRID) - 1)
+
+    def max_skipped(self, start: int, min_layer: int) -> float:
+        """An upper bound on the skipped fraction a propagated point at this depth can reach."""
+        return min(1.0, self.MARGIN * self.figures(THRESHOLD_GRID[start], min_layer)["skipped_fraction"])
+
+
 class PropagatedEval:
     """Fidelity and saving of an operating point measured with K/V propagation, against the full model
     computed the same way (so numerics cancel), on held-out text and, when given, on the model's own
@@ -177,20 +208,34 @@ class PropagatedEval:
 
 
 def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float, max_ppl: float | None,
-                      min_layer: int | None, num_layers: int, checkpoint_cost: float) -> dict | None:
+                      min_layer: int | None, num_layers: int, checkpoint_cost: float,
+                      bound: PostHocBound | None = None) -> dict | None:
     """For each minimum depth, the lowest threshold meeting the targets (fidelity rises with the
     threshold, so a binary search over the grid); then the point with the largest net saving. A deeper
-    minimum runs fewer checkpoints, so it wins unless the shallower one skips more than they cost."""
+    minimum runs fewer checkpoints, so it wins unless the shallower one skips more than they cost.
+
+    With a post-hoc ``bound``, each depth's search starts at its lowest threshold meeting the targets
+    post hoc, the depths most promising post hoc go first, and a depth whose bound on the net saving
+    cannot beat the best point found is not simulated."""
     def ok(r):
         return r["top1_agreement"] >= target and (max_ppl is None or r["ppl_ratio"] <= 1 + max_ppl)
 
     def net(r):
         return net_layers_saved(r["skipped_fraction"], r["min_layer"], layers, num_layers, checkpoint_cost)
+    depths = [min_layer] if min_layer is not None else layers
+    starts = {m: 0 for m in depths}
+    ceiling = {m: math.inf for m in depths}
+    if bound is not None:
+        for m in depths:
+            starts[m] = bound.start(ok, m)
+            ceiling[m] = net_layers_saved(bound.max_skipped(starts[m], m), m, layers, num_layers, checkpoint_cost)
+        depths = sorted(depths, key=lambda m: -ceiling[m])
     best = None
-    for m in ([min_layer] if min_layer is not None else layers):
-        lo, hi = 0, len(THRESHOLD_GRID) - 1
-        if not ok(evaluate(THRESHOLD_GRID[hi], m)):
+    for m in depths:
+        if best is not None and ceiling[m] <= net(best):
             continue
+        # the lowest passing threshold in [start, top]; the top itself is only simulated when all below fail
+        lo, hi = starts[m], len(THRESHOLD_GRID) - 1
         while lo < hi:
             mid = (lo + hi) // 2
             if ok(evaluate(THRESHOLD_GRID[mid], m)):
@@ -198,20 +243,22 @@ def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float
             else:
                 lo = mid + 1
         r = evaluate(THRESHOLD_GRID[lo], m)
+        if not ok(r):
+            continue
         if best is None or net(r) > net(best):
             best = r
     return best
 
 
 def choose_presets(evaluate, layers: list[int], target: float, max_ppl: float, min_layer: int | None,
-                   num_layers: int, checkpoint_cost: float) -> tuple[dict, dict]:
+                   num_layers: int, checkpoint_cost: float, bound: PostHocBound | None = None) -> tuple[dict, dict]:
     """The "default" point (the calibration's targets) and every named preset, sharing evaluations.
 
     Returns (presets, unpaid). A preset is only a point that pays(); one whose best point does not
     is None (exits off), and that point is kept in ``unpaid`` for the report to show.
     """
     choose = lambda agree, ppl: choose_propagated(evaluate, layers, agree, ppl, min_layer,  # noqa: E731
-                                                  num_layers, checkpoint_cost)
+                                                  num_layers, checkpoint_cost, bound)
     best = {"default": choose(target, max_ppl), **{name: choose(*bar) for name, bar in PRESETS.items()}}
     paid = {name: p is not None and pays(net_layers_saved(p["skipped_fraction"], p["min_layer"], layers, num_layers,
                                                           checkpoint_cost), checkpoint_cost)

@@ -107,7 +107,9 @@ def check_request(engine_args) -> bool:
     ckpt = RouterCheckpoint.load(settings.router)
     ckpt.check_model(identity, settings.router)
     threshold, min_layer = settings.resolve(ckpt)
-    _no_cuda_graphs(engine_args, exits_off=threshold >= OFF)
+    if _decide_cuda_graphs(engine_args, exits_off=threshold >= OFF):
+        # exits stay off for every request, so the workers and the front-end must refuse to turn them on
+        engine_args.additional_config = {**engine_args.additional_config, "tide": {**raw, "request_exits": False}}
     _pin_v1_model_runner()
     logger.info("TIDE request checked: router %s, threshold %s, min layer %d", settings.router,
                 "off (the router's setting)" if threshold >= OFF else threshold, min_layer)
@@ -133,28 +135,35 @@ def _pin_v1_model_runner() -> None:
         logger.info("TIDE: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0 for this process).")
 
 
-def _no_cuda_graphs(engine_args, exits_off: bool = False) -> None:
-    """A CUDA graph would freeze one path through TIDE's exit branches, so graphs are turned off.
+def _decide_cuda_graphs(engine_args, exits_off: bool = False, platform=None) -> bool:
+    """A CUDA graph would freeze one path through TIDE's exit branches, so graphs are turned off, except
+    where TIDE resolves to exits off: then every step runs stock's forward, CUDA graphs stay as the user
+    set them (turning them off would make TIDE slower than stock vLLM for nothing), and requests may not
+    turn exits on. Returns whether exits are locked off that way.
 
     torch.compile stays as the user set it: runs of layers between checkpoints are compiled (compiled_layers).
-    When the router's default keeps exits off, requests without their own threshold then run stock's
-    forward without CUDA graphs, which on a GPU is slower than stock vLLM: the warning says so.
     """
     from vllm.config import CompilationConfig, CUDAGraphMode
     if engine_args.enforce_eager:
-        return
+        return False
     cc = engine_args.compilation_config
     if isinstance(cc, dict):
         cc = engine_args.compilation_config = CompilationConfig(**cc)
-    if cc.cudagraph_mode != CUDAGraphMode.NONE:
-        from vllm.platforms import current_platform
-        if current_platform.is_cuda_alike():
-            logger.warning("TIDE: CUDA graphs are off (per-token exits branch at every checkpoint); "
-                           "decoder layers still run torch.compiled.%s",
-                           " This router's default keeps exits off, so requests without their own tide_threshold "
-                           "run stock's forward without CUDA graphs, slower than stock vLLM: drop --plugin tide, or "
-                           "set --tide-threshold or --tide-preset to exit." if exits_off else "")
-        cc.cudagraph_mode = CUDAGraphMode.NONE
+    if cc.cudagraph_mode == CUDAGraphMode.NONE:
+        return False
+    if platform is None:
+        from vllm.platforms import current_platform as platform
+    if platform.is_cuda_alike():
+        if exits_off:
+            logger.warning("TIDE: this router's default keeps exits off (calibration found no point that pays), so "
+                           "CUDA graphs stay on and every request runs stock vLLM's forward; a request's "
+                           "tide_threshold is refused. Start with --tide-threshold or --tide-preset to allow exits "
+                           "(CUDA graphs then turn off).")
+            return True
+        logger.warning("TIDE: CUDA graphs are off (per-token exits branch at every checkpoint); "
+                       "decoder layers still run torch.compiled.")
+    cc.cudagraph_mode = CUDAGraphMode.NONE
+    return False
 
 
 # speculative methods whose drafter reads the target's intermediate hidden states
@@ -217,6 +226,8 @@ def _patch_engine_args() -> None:
     def create_engine_config(self, usage_context=None, *a, **kw):
         tide_on = check_request(self)
         config = orig_create(self, usage_context, *a, **kw)
+        if usage_context == UsageContext.OPENAI_API_SERVER:
+            _patch_request_bodies()       # top-level tide_* fields: applied under TIDE, a 400 without it
         if tide_on:
             check_engine_config(config)
             if usage_context == UsageContext.OPENAI_API_SERVER:
@@ -270,6 +281,27 @@ def patch_worker() -> None:
     setattr(WorkerBase, stats.SNAPSHOT_RPC, stats.worker_exit_stats)
     setattr(WorkerBase, stats.RESET_RPC, stats.worker_reset_exit_stats)
     setattr(GPUModelRunner, _PATCHED, True)
+
+
+def _patch_request_bodies() -> None:
+    """A served request may put tide_threshold / tide_enabled at the top level of its body, where
+    vLLM's own extras (top_k, ...) go: vLLM would ignore them silently (its request models allow extra
+    fields), so they are moved into vllm_xargs, where the per-request checks see them."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from . import request_control
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        if getattr(cls, _PATCHED, False):
+            continue
+        orig = cls.to_sampling_params
+
+        def to_sampling_params(self, *a, _orig=orig, **kw):
+            request_control.move_top_level_fields(self)
+            return _orig(self, *a, **kw)
+
+        cls.to_sampling_params = to_sampling_params
+        setattr(cls, _PATCHED, True)
 
 
 def _patch_api_server() -> None:

@@ -60,6 +60,23 @@ def request_threshold(extra_args: dict | None, validate: bool = False) -> float 
     return None if threshold is None else float(threshold)
 
 
+def move_top_level_fields(body) -> None:
+    """tide_* fields at the top level of a served request body (pydantic extras) into its vllm_xargs,
+    where the checks below apply to them; the same field in both places is one clear error."""
+    extra = getattr(body, "model_extra", None) or {}
+    fields = {k: v for k, v in extra.items() if k.startswith("tide_")}
+    if not fields:
+        return
+    xargs = dict(body.vllm_xargs or {})
+    twice = [k for k in fields if k in xargs]
+    if twice:
+        raise _error(f"{twice[0]} is given both at the top level of the request and in vllm_xargs; give it once.",
+                     twice[0], fields[twice[0]])
+    body.vllm_xargs = {**xargs, **fields}
+    for k in fields:
+        del extra[k]
+
+
 def cache_salt(user_salt: str | None, own: float | None) -> str:
     """Prefix-cache salt for a request under TIDE: its exit setting, plus any salt it brought."""
     tag = "tide:default" if own is None else ("tide:off" if own >= OFF else f"tide:{own!r}")
@@ -72,9 +89,10 @@ def check_and_salt(processor, params, request) -> None:
     """Called on every EngineCoreRequest the front-end builds (after vLLM's own checks)."""
     from .settings import TideSettings
     extra = getattr(params, "extra_args", None)
-    tide_on = getattr(processor, "_tide_on", None)
-    if tide_on is None:         # the engine's settings do not change: parse them once per processor
-        tide_on = processor._tide_on = TideSettings.from_vllm_config(processor.vllm_config) is not None
+    settings = getattr(processor, "_tide_settings", False)
+    if settings is False:       # the engine's settings do not change: parse them once per processor
+        settings = processor._tide_settings = TideSettings.from_vllm_config(processor.vllm_config)
+    tide_on = settings is not None
     has_tide_args = bool(extra) and any(k.startswith("tide_") for k in extra)
     if not tide_on:
         if has_tide_args:
@@ -83,6 +101,10 @@ def check_and_salt(processor, params, request) -> None:
                          None)
         return
     own = request_threshold(extra, validate=True)
+    if own is not None and own < OFF and not settings.request_exits:
+        raise _error("This server runs TIDE with exits off and CUDA graphs on (its router's default keeps exits off), "
+                     "so a request cannot turn exits on; start it with --tide-threshold or --tide-preset to allow "
+                     "exits.", THRESHOLD_KEY, own)
     request.cache_salt = cache_salt(request.cache_salt, own)
 
 

@@ -12,7 +12,8 @@ DEFAULT_SPLIT_RULE = (16, 0.25)
 # calibration and the reference simulator assume (quality benchmarks, tests comparing batches with it)
 EVERY_EXIT = {"split_min_rows": 1, "split_min_fraction": 0.0}
 
-KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset", "split_min_rows", "split_min_fraction"}
+KNOWN_KEYS = {"router", "threshold", "min_layer", "enabled", "preset", "split_min_rows", "split_min_fraction",
+              "request_exits"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class TideSettings:
     # a CPU (benchmarks/split_rule.py); the break-even differs on a GPU.
     split_min_rows: int = DEFAULT_SPLIT_RULE[0]
     split_min_fraction: float = DEFAULT_SPLIT_RULE[1]
+    # False where exits are off for the whole engine with CUDA graphs on (plugin._decide_cuda_graphs):
+    # a request's own tide_threshold is then refused
+    request_exits: bool = True
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "TideSettings | None":
@@ -68,8 +72,11 @@ class TideSettings:
         fraction = raw.get("split_min_fraction", cls.split_min_fraction)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise TideConfigError(f"The TIDE split_min_fraction must be a number in [0, 1], got {fraction!r}.")
+        request_exits = raw.get("request_exits", True)
+        if not isinstance(request_exits, bool):
+            raise TideConfigError(f'The TIDE setting "request_exits" must be true or false, got {request_exits!r}.')
         return cls(router=router or "", threshold=threshold, min_layer=min_layer, enabled=enabled, preset=preset,
-                   split_min_rows=rows, split_min_fraction=float(fraction))
+                   split_min_rows=rows, split_min_fraction=float(fraction), request_exits=request_exits)
 
     def resolve(self, ckpt: RouterCheckpoint) -> tuple[float, int]:
         """Threshold and minimum exit depth in force: explicit settings win over a preset, which wins

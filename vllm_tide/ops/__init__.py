@@ -64,15 +64,21 @@ def _kv_cache_write_fake(k, v, k_caches, v_caches, slots):
     return None
 
 
+def library_candidates() -> list[str]:
+    """Where the CUDA library is looked for, in order: $TIDE_OPS_LIBRARY; the installed package's own
+    folder (where `cmake --install build/ops --prefix SITE_PACKAGES` puts it); a repo checkout's build/ops."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.environ.get("TIDE_OPS_LIBRARY", "")]
+    candidates += sorted(glob.glob(os.path.join(package, "*tide_ops*.so")))
+    candidates += sorted(glob.glob(os.path.join(os.path.dirname(package), "build", "ops", "*tide_ops*.so")))
+    return [c for c in candidates if c]
+
+
 def _load_cuda_library() -> str | None:
     """Load the CMake-built library (``make ops``) if present. Returns its path."""
     if not torch.cuda.is_available():
         return None
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [os.environ.get("TIDE_OPS_LIBRARY", "")]
-    candidates += glob.glob(os.path.join(here, "_tide_ops*.so"))
-    candidates += glob.glob(os.path.join(os.path.dirname(here), "build", "ops", "*tide_ops*.so"))
-    for path in candidates:
+    for path in library_candidates():
         if path and os.path.exists(path):
             torch.ops.load_library(path)
             return path
