@@ -2,7 +2,13 @@
 
     python benchmarks/demo.py --router outputs/router.safetensors
 
-Stock vLLM runs in a separate process with the plugin not loaded (VLLM_PLUGINS names no TIDE entry).
+1. Stock vLLM, in a separate process with the plugin not loaded (VLLM_PLUGINS names no TIDE entry),
+   writes greedy answers to a few chat prompts.
+2. TIDE writes the same answers with exits on (quality: identical answers, exits taken).
+3. Speed, in the TIDE engine itself: the same requests alternate between exits off (`tide_enabled:
+   false`, which runs stock vLLM's own forward) and exits on, timed step for step in one process, so
+   the engine process's own speed (which differs by 10-50% between processes on this machine) cancels.
+4. A table and one PNG (quality and speed against stock); the PNG's path is printed last.
 """
 import argparse
 import json
@@ -23,30 +29,39 @@ PROMPTS = [
 ]
 
 
-def generate(args, tide: dict | None) -> dict:
+def step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def _engine(args, tide: dict | None):
     from vllm import LLM, SamplingParams
     # vLLM's default execution (torch.compile) for both engines: what a user runs
     kw = dict(model=args.model, dtype=args.dtype, max_model_len=1024, block_size=32, seed=0)
     if tide is not None:
         kw["additional_config"] = {"tide": tide}
     llm = LLM(**kw)
-    sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    chat = [[{"role": "user", "content": p}] for p in PROMPTS]     # an instruct model: its chat template
-    llm.chat(chat[:1], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
-    out = {"texts": [], "seconds": 0.0, "tokens": 0}
-    if tide is not None:
-        from vllm_tide import reset_exit_stats
-        reset_exit_stats(llm)
-    for messages in chat:    # batch 1, the latency case
+    llm.chat([[{"role": "user", "content": PROMPTS[0]}]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    return llm
+
+
+def answer(llm, extra: dict | None, max_tokens: int) -> tuple[list[str], int, float]:
+    """Greedy answers to PROMPTS one at a time (batch 1, the latency case): (texts, tokens, seconds)."""
+    from vllm import SamplingParams
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra)
+    texts, tokens, seconds = [], 0, 0.0
+    for p in PROMPTS:
         t0 = time.perf_counter()
-        o = llm.chat([messages], sp, use_tqdm=False)[0].outputs[0]
-        out["seconds"] += time.perf_counter() - t0
-        out["tokens"] += len(o.token_ids)
-        out["texts"].append(o.text)
-    if tide is not None:
-        from vllm_tide import exit_stats
-        out["stats"] = exit_stats(llm)
-    return out
+        o = llm.chat([[{"role": "user", "content": p}]], sp, use_tqdm=False)[0].outputs[0]
+        seconds += time.perf_counter() - t0
+        tokens += len(o.token_ids)
+        texts.append(o.text)
+    return texts, tokens, seconds
+
+
+def stock(args) -> dict:
+    llm = _engine(args, None)
+    texts, tokens, seconds = answer(llm, None, args.max_tokens)
+    return {"texts": texts, "tokens_per_s": tokens / seconds}
 
 
 def explain_exits_off(tide: dict, ckpt) -> None:
@@ -70,6 +85,44 @@ def explain_exits_off(tide: dict, ckpt) -> None:
               f"which the calibration report expects to be slower than stock.")
 
 
+def same_engine_speed(llm, rounds: int, max_tokens: int) -> dict:
+    """Decode tokens/s with exits off (stock's forward) and on, alternating request by request in one
+    engine: (off, on) medians over the rounds."""
+    from statistics import median
+
+    from tqdm import tqdm
+    rates = {"off": [], "on": []}
+    for r in tqdm(range(rounds), desc="same-engine timing", unit="round", file=sys.stdout):
+        order = ("off", "on") if r % 2 == 0 else ("on", "off")
+        for which in order:
+            _, tokens, seconds = answer(llm, {"tide_enabled": False} if which == "off" else None, max_tokens)
+            rates[which].append(tokens / seconds)
+    return {k: median(v) for k, v in rates.items()}
+
+
+def plot(path: str, same: dict, stock_rate: float, identical: int, skipped: float, tokens_total: int,
+         point: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    bars = a.bar(["stock vLLM\n(own process)", "stock forward\n(TIDE engine,\nexits off)", f"TIDE\n{point}"],
+                 [stock_rate, same["off"], same["on"]], color=["#999999", "#4c72b0", "#dd8452"])
+    a.bar_label(bars, fmt="%.1f")
+    a.set_ylabel("decode tokens/s, batch 1")
+    a.set_title(f"speed: TIDE / stock forward = {same['on'] / same['off']:.3f}x")
+    n = len(PROMPTS)
+    bars = b.bar(["identical greedy\nanswers (%)", "token-layers\nskipped (%)"], [100 * identical / n, 100 * skipped],
+                 color=["#55a868", "#dd8452"])
+    b.bar_label(bars, fmt="%.1f")
+    b.set_ylim(0, 105)
+    b.set_title(f"quality and work: {identical}/{n} answers as stock, {tokens_total} tokens")
+    fig.suptitle("vllm-tide on the default model against stock vLLM (one run; benchmarks/speed.py for figures)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -78,40 +131,60 @@ def main():
     p.add_argument("--preset", default=None, help="default, balanced or fast (stored in the router)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=4, help="same-engine timing rounds (each: every prompt, off and on)")
+    p.add_argument("--png", default="outputs/demo.png")
     p.add_argument("--stock-json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stock_json:
-        print("JSON" + json.dumps(generate(args, None)))
+        print("JSON" + json.dumps(stock(args)))
         return
     from vllm_tide.checkpoint import RouterCheckpoint
     from vllm_tide.errors import exit_on_config_error
     with exit_on_config_error():     # a bad router is one sentence here, before either engine starts
         ckpt = RouterCheckpoint.load(args.router)
+    step("1/3 stock vLLM (a separate process without the plugin): greedy answers")
     env = {**os.environ, "VLLM_PLUGINS": "none-stock"}
     proc = subprocess.run([sys.executable, __file__, "--stock-json", "--model", args.model, "--dtype", args.dtype,
                            "--max-tokens", str(args.max_tokens)], env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"stock run failed:\n{proc.stderr[-3000:]}")
-    stock = json.loads(proc.stdout.split("JSON", 1)[1])
+    ref = json.loads(proc.stdout.split("JSON", 1)[1])
     tide = {"router": args.router}
     if args.threshold is not None:
         tide["threshold"] = args.threshold
     if args.preset is not None:
         tide["preset"] = args.preset
+    step("2/3 TIDE: the same answers with exits on")
     explain_exits_off(tide, ckpt)
-    mine = generate(args, tide)
-    same = 0
-    for prompt, a, b in zip(PROMPTS, stock["texts"], mine["texts"]):
-        same += a == b
+    from vllm_tide import exit_stats, reset_exit_stats
+    from vllm_tide.settings import TideSettings
+    threshold, min_layer = TideSettings.parse(tide).resolve(ckpt)
+    llm = _engine(args, tide)
+    reset_exit_stats(llm)
+    texts, _, _ = answer(llm, None, args.max_tokens)
+    s = exit_stats(llm)
+    identical = sum(a == b for a, b in zip(ref["texts"], texts))
+    for prompt, a, b in zip(PROMPTS, ref["texts"], texts):
         print(f"\n### {prompt}\n  stock: {a!r}\n  tide : {b!r}")
-    s = mine["stats"]
-    print(f"\nidentical continuations: {same}/{len(PROMPTS)}")
-    print(f"exits per checkpoint: {s['exits_per_layer']} of {s['tokens']} tokens")
-    print(f"token-layers skipped (K/V fill only): {s['skipped_layer_fraction']:.3f}; "
-          f"partial (attention only): {s['partial_layer_fraction']:.3f}; "
-          f"exits deferred (would have saved nothing in their step): {s['deferred_exits']}")
-    print(f"batch-1 decode: stock {stock['tokens'] / stock['seconds']:.1f} tok/s, "
-          f"tide {mine['tokens'] / mine['seconds']:.1f} tok/s (one run each, not a benchmark)")
+    step(f"3/3 speed in the TIDE engine: exits off (stock's forward) and on, alternating, {args.rounds} rounds")
+    same = same_engine_speed(llm, args.rounds, args.max_tokens)
+    point = f"{threshold} / {min_layer}"
+    rows = [("identical greedy answers", "(reference)", f"{identical}/{len(PROMPTS)}"),
+            ("exits taken (checkpoint: count)", "-", ", ".join(f"{k}: {v}" for k, v in s["exits_per_layer"].items()
+                                                             if v) or "none"),
+            ("token-layers skipped (K/V fill only)", "0", f"{s['skipped_layer_fraction']:.3f}"),
+            ("decode tokens/s, batch 1, same engine", f"{same['off']:.1f} (exits off)", f"{same['on']:.1f}"),
+            ("  ratio to stock's forward", "1.000", f"{same['on'] / same['off']:.3f}"),
+            ("decode tokens/s, stock vLLM's own process", f"{ref['tokens_per_s']:.1f}", "-")]
+    print(f"\nTIDE at threshold / min layer {point} on {args.model} ({args.dtype}), {s['tokens']} tokens:")
+    print(f"| {'':<40} | {'stock':<20} | {'TIDE':<20} |\n|{'-' * 42}|{'-' * 22}|{'-' * 22}|")
+    for name, a, b in rows:
+        print(f"| {name:<40} | {a:<20} | {b:<20} |")
+    print("(one run; engine processes differ in speed by 10-50%, so the same-engine ratio is the speed figure; "
+          "benchmarks/speed.py measures it properly)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+    plot(args.png, same, ref["tokens_per_s"], identical, s["skipped_layer_fraction"], s["tokens"], point)
+    print(f"\nplot: {os.path.abspath(args.png)}")
 
 
 if __name__ == "__main__":

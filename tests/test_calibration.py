@@ -259,6 +259,38 @@ def test_operating_point_choice_pays_for_its_checkpoints():
     assert presets["balanced"] == evaluate(0.95, 11)       # nets -0.2, -0.08, +0.04
 
 
+def test_post_hoc_bound_prunes_the_propagated_search_without_changing_its_choice():
+    """Post-hoc figures start each depth's threshold search at its lowest post-hoc pass and skip depths whose
+    post-hoc saving (with its margin) cannot beat the best point found: fewer simulations, the same choice
+    as the exhaustive search whenever propagation only loses fidelity and skipping."""
+    from vllm_tide.exit_labels import ExitMetrics
+    from vllm_tide.operating_points import THRESHOLD_GRID, PostHocBound
+    g = torch.Generator().manual_seed(6)
+    layers, num_layers, n = [3, 7, 11], 16, 4000
+    scores = {c: torch.rand(n, generator=g) for c in layers}
+    # exits at 11 are right far more often than at 3 or 7
+    agree = {c: torch.rand(n, generator=g) < {3: 0.5, 7: 0.7, 11: 0.99}[c] for c in layers}
+    nll = torch.zeros(n)
+    metrics = {c: ExitMetrics(agree[c], None, nll, nll) for c in layers}
+    bound = PostHocBound(scores, metrics, num_layers)
+    calls = []
+
+    def propagated(t, m):     # a little worse than post hoc: agreement 0.2 points lower, same skipping
+        calls.append((t, m))
+        r = bound.figures(t, m)
+        return {"threshold": t, "min_layer": m, "ppl_ratio": 1.0, "skipped_fraction": r["skipped_fraction"],
+                "top1_agreement": r["top1_agreement"] - 0.002}
+    want = choose_propagated(propagated, layers, 0.99, None, None, num_layers, 0.3)
+    exhaustive = len(set(calls))
+    calls.clear()
+    got = choose_propagated(propagated, layers, 0.99, None, None, num_layers, 0.3, bound)
+    assert got == want and got["min_layer"] == 11
+    assert len(set(calls)) < exhaustive
+    assert all(m == 11 for _, m in calls)          # depths 3 and 7 cannot pay for their checkpoints post hoc
+    ok = lambda r: r["top1_agreement"] >= 0.99     # noqa: E731
+    assert min(THRESHOLD_GRID.index(t) for t, _ in calls) >= bound.start(ok, 11)
+
+
 def test_threshold_search_goes_below_one_half():
     """Router scores follow the labels, not the bar: a router trained on strict labels can meet a loose
     bar far below 0.5, and the search finds the lowest threshold that meets it."""

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .exit_labels import ExitMetrics
+from .exit_labels import ExitMetrics, kl_and_nll
 from .router import Router
 from .simulate import ExitSimulator, Prefix, full_pass, on_model_device
 
@@ -148,7 +148,7 @@ class PropagatedEval:
             starts = sorted(self.routers)
             passes, top1, nll = [], [], []
             for seq, first in self.sets[name]:
-                prefix, logits = full_pass(self.model, seq, starts)
+                prefix, logits = full_pass(self.model, seq, starts, self._from(first))
                 passes.append(prefix)
                 t, n, _ = self._counted(seq, first, logits, torch.full((len(seq),), -1))
                 top1.append(t)
@@ -157,13 +157,18 @@ class PropagatedEval:
         return self._full[name]
 
     @staticmethod
-    def _counted(seq: list[int], first: int, logits: torch.Tensor, exit_at: torch.Tensor):
-        """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens
-        (computed where the logits are, returned on the CPU)."""
-        s = max(first - 1, 0)
+    def _from(first: int) -> int:
+        """The first position whose prediction counts: the one before the first counted token."""
+        return max(first - 1, 0)
+
+    @classmethod
+    def _counted(cls, seq: list[int], first: int, logits: torch.Tensor, exit_at: torch.Tensor):
+        """Top-1, NLL of the next token and exit layer at the positions that predict the counted tokens,
+        from logits of positions _from(first).. (computed where the logits are, returned on the CPU)."""
+        s = cls._from(first)
         nxt = torch.tensor(seq[s + 1:], device=logits.device)[:, None]
-        nll = -torch.log_softmax(logits[s:-1], -1).gather(1, nxt)[:, 0]
-        return logits.argmax(-1)[s:-1].cpu(), nll.cpu(), exit_at[s:-1].cpu()
+        _, nll = kl_and_nll(None, logits[:-1], 1.0, nxt)
+        return logits.argmax(-1)[:-1].cpu(), nll.cpu(), exit_at[s:-1].cpu()
 
     def _measure(self, name: str, sim: ExitSimulator, threshold: float, min_layer: int) -> dict:
         key = (name, threshold, min_layer)
@@ -174,7 +179,7 @@ class PropagatedEval:
             if start is None:
                 top1, nll, exit_at = base_top1, base_nll, torch.full((len(base_top1),), -1)
             else:
-                runs = [self._counted(seq, first, *sim.run_from(prefix, start))
+                runs = [self._counted(seq, first, *sim.run_from(prefix, start, self._from(first)))
                         for (seq, first), prefix in zip(self.sets[name], passes)]
                 top1, nll, exit_at = (torch.cat(x) for x in zip(*runs))
                 nll = nll.double()
@@ -234,8 +239,12 @@ def choose_propagated(evaluate: PropagatedEval, layers: list[int], target: float
     for m in depths:
         if best is not None and ceiling[m] <= net(best):
             continue
-        # the lowest passing threshold in [start, top]; the top itself is only simulated when all below fail
-        lo, hi = starts[m], len(THRESHOLD_GRID) - 1
+        # the lowest passing threshold in [start, top]: galloping up from the start (propagation usually
+        # costs a step or two of threshold over post hoc), then bisecting the last gap
+        lo, top, step = starts[m], len(THRESHOLD_GRID) - 1, 1
+        hi = lo
+        while hi < top and not ok(evaluate(THRESHOLD_GRID[hi], m)):
+            lo, hi, step = hi + 1, min(hi + step, top), 2 * step
         while lo < hi:
             mid = (lo + hi) // 2
             if ok(evaluate(THRESHOLD_GRID[mid], m)):

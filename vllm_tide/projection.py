@@ -102,13 +102,20 @@ def fit_temperature(exit_logits: torch.Tensor, final_logp: torch.Tensor, iters: 
     minimum in a handful of passes over the logits.
     """
     logits = exit_logits.float()
-    target = (final_logp.float().exp() * logits).sum(-1).mean().item()
+    # row blocks: on a CPU a block's softmax temporaries stay in cache (several times faster)
+    step = 64 if logits.device.type == "cpu" else max(len(logits), 1)
+    blocks = [slice(s, s + step) for s in range(0, len(logits), step)]
+    target = sum((final_logp[r].float().exp() * logits[r]).sum().item() for r in blocks) / len(logits)
 
     def slope(b: float) -> tuple[float, float]:
-        q = torch.softmax(logits * b, -1)
-        ql = q * logits
-        mean = ql.sum(-1)
-        return mean.mean().item() - target, ((ql * logits).sum(-1) - mean * mean).mean().item()
+        mean_sum = var_sum = 0.0
+        for r in blocks:
+            lr = logits[r]
+            ql = torch.softmax(lr * b, -1) * lr
+            mean = ql.sum(-1)
+            mean_sum += mean.sum().item()
+            var_sum += ((ql * lr).sum(-1) - mean * mean).sum().item()
+        return mean_sum / len(logits) - target, var_sum / len(logits)
 
     lo, hi = math.exp(-3.0), math.exp(3.0)
     if slope(lo)[0] >= 0:       # the objective rises from the smallest b on: the largest T

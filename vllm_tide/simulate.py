@@ -60,10 +60,11 @@ class ExitSimulator:
         return logits, exit_at, inputs
 
     @torch.no_grad()
-    def run_from(self, prefix: "Prefix", start: int):
+    def run_from(self, prefix: "Prefix", start: int, rows_from: int = 0):
         """run()'s (logits, exit layers) for the sequence ``prefix`` holds, computing only layers start..
         from its recorded input to ``start``: the same result when no router below ``start`` is active
-        (the layers before a point's minimum exit layer are the full model's)."""
+        (the layers before a point's minimum exit layer are the full model's). Logits only for positions
+        ``rows_from``.. (calibration counts only answer tokens of a prompt + answer)."""
         assert all(c >= start for c in self.routers), "a router below the start layer would be skipped"
         layers = self.hf.model.layers
         h = prefix.inputs[start]
@@ -73,7 +74,7 @@ class ExitSimulator:
                 out = layers[li](h, *args, **kwargs)
                 h = out[0] if isinstance(out, tuple) else out
         hidden = self.hf.model.norm(h)[0]
-        return self._logits(hidden, exit_at), exit_at
+        return self._logits(hidden[rows_from:], exit_at[rows_from:]), exit_at
 
     def _logits(self, hidden: torch.Tensor, exit_at: torch.Tensor) -> torch.Tensor:
         """Each exited row through its checkpoint's exit projection, then the LM head, in fp32."""
@@ -142,8 +143,9 @@ class Prefix:
 
 
 @torch.no_grad()
-def full_pass(hf_model, ids: list[int], starts: list[int]) -> tuple[Prefix, torch.Tensor]:
-    """The full model on ``ids``: (its Prefix, its logits [T, V] fp32, as ExitSimulator without routers gives)."""
+def full_pass(hf_model, ids: list[int], starts: list[int], rows_from: int = 0) -> tuple[Prefix, torch.Tensor]:
+    """The full model on ``ids``: (its Prefix, its logits [T - rows_from, V] fp32 for positions rows_from..,
+    as ExitSimulator without routers gives)."""
     layers = hf_model.model.layers
     first = min(starts, default=len(layers))
     inputs, calls = {}, {}
@@ -165,7 +167,7 @@ def full_pass(hf_model, ids: list[int], starts: list[int]) -> tuple[Prefix, torc
     finally:
         for h in handles:
             h.remove()
-    return Prefix(inputs, calls), lm_logits(hf_model, hidden)
+    return Prefix(inputs, calls), lm_logits(hf_model, hidden[rows_from:])
 
 
 def lm_logits(hf_model, hidden: torch.Tensor) -> torch.Tensor:
