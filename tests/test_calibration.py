@@ -533,4 +533,4 @@ def test_calibration_takes_a_hub_model_id_from_the_local_cache(tmp_path, monkeyp
     assert cfg.model == str(snapshot) and ckpt.model.num_layers == 4
     assert RouterCheckpoint.load(out).model == ckpt.model
     with pytest.raises(TideConfigError, match="neither a model folder nor a model id in the local Hugging Face"):
-        CalibrationConfig(model="tide-test/absent", output="").validate()
+        calibrate(CalibrationConfig(model="tide-test/absent", output=out))

@@ -105,7 +105,6 @@ class CalibrationConfig:
             raise TideConfigError(f"--affine-rank must be a positive rank, got {self.affine_rank}.")
         from .corpus import check_paths
         check_paths(self.corpus, "--corpus")
-        self.model = local_model_dir(self.model)
         if self.output:
             _check_output(self.output)
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -242,6 +241,7 @@ class Stages:
 
 def collect(cfg: CalibrationConfig) -> Collected:
     cfg.validate()
+    cfg.model = local_model_dir(cfg.model)
     t0 = time.time()
     stage = Stages()
     torch.manual_seed(cfg.seed)
