@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .projection import ExitProjection, fit_affine, fit_temperature
+from .projection import ExitProjection, fit_affine, fit_temperature, row_blocks
 from .router import Router, router_input
 
 TEMPERATURE_SAMPLE = 1024     # tokens per checkpoint for the temperature fit (one scalar)
@@ -97,24 +97,13 @@ class ExitMetrics:
 
 
 SHORTLIST_TOP = 2     # each row's most likely final tokens, pooled over a chunk: the exits' usual rivals
-# Rows per elementwise block on a CPU: a block's softmax temporaries stay in cache, which makes the
-# log-softmax and KL about 4x faster than over a whole chunk; products still run on whole chunks.
-CPU_BLOCK = 64
-
-
-def _blocks(n: int, device) -> list[tuple[int, int]]:
-    """(start, end) row blocks: CPU_BLOCK rows on a CPU, all rows at once elsewhere."""
-    step = CPU_BLOCK if torch.device(device).type == "cpu" else max(n, 1)
-    return [(s, min(s + step, n)) for s in range(0, n, step)]
-
-
 def kl_and_nll(final_logp: torch.Tensor | None, logits: torch.Tensor, b: float, safe: torch.Tensor | None):
     """Per row, KL(final || softmax(b * logits)) (with ``final_logp``) and the NLL of ``safe``'s tokens
     (with ``safe``), block by block; each KL term's difference is taken before the sum (exact in fp32)."""
     n = len(logits)
     kl = torch.empty(n, device=logits.device) if final_logp is not None else None
     nll = torch.empty(n, device=logits.device) if safe is not None else None
-    for s, e in _blocks(n, logits.device):
+    for s, e in row_blocks(n, logits.device):
         block = logits[s:e]
         lq = torch.log_softmax(block * b if b != 1.0 else block, -1)
         if kl is not None:
@@ -127,7 +116,7 @@ def kl_and_nll(final_logp: torch.Tensor | None, logits: torch.Tensor, b: float, 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(logits)
-    for s, e in _blocks(len(logits), logits.device):
+    for s, e in row_blocks(len(logits), logits.device):
         out[s:e] = torch.log_softmax(logits[s:e], -1)
     return out
 

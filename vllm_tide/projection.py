@@ -78,6 +78,17 @@ class ExitProjection:
 
 # -------------------------------------------------------------------------------- fitting (calibration)
 
+# Rows per elementwise block on a CPU: a block's softmax temporaries stay in cache, which makes
+# log-softmax, KL and the temperature fit about 4x faster than over a whole chunk.
+CPU_BLOCK = 64
+
+
+def row_blocks(n: int, device) -> list[tuple[int, int]]:
+    """(start, end) row blocks: CPU_BLOCK rows on a CPU, all rows at once elsewhere."""
+    step = CPU_BLOCK if torch.device(device).type == "cpu" else max(n, 1)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
 def fit_affine(z: torch.Tensor, target: torch.Tensor, ridge: float, rank: int | None = None) -> ExitProjection:
     """Ridge least squares from the exit's normed state to the final normed state (tuned-lens style).
     With ``rank``, the correction W - I is truncated to that rank (stored as two thin factors)."""
@@ -102,9 +113,7 @@ def fit_temperature(exit_logits: torch.Tensor, final_logp: torch.Tensor, iters: 
     minimum in a handful of passes over the logits.
     """
     logits = exit_logits.float()
-    # row blocks: on a CPU a block's softmax temporaries stay in cache (several times faster)
-    step = 64 if logits.device.type == "cpu" else max(len(logits), 1)
-    blocks = [slice(s, s + step) for s in range(0, len(logits), step)]
+    blocks = [slice(s, e) for s, e in row_blocks(len(logits), logits.device)]
     target = sum((final_logp[r].float().exp() * logits[r]).sum().item() for r in blocks) / len(logits)
 
     def slope(b: float) -> tuple[float, float]:
