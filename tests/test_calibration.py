@@ -51,6 +51,13 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     assert sorted(back.projections) == ([] if projection == "identity" else [1, 3])
     rows = back.extra["validation"]
     assert [r["layer"] for r in rows] == [1, 3] and all(0 <= r["positive_rate"] <= 1 for r in rows)
+    # lossless mode's drafting routers: saved beside the exit routers, judged on top-1 (each checkpoint's
+    # drafts are right as often as its exits agree) and a preset chosen by the modelled speed
+    lossless = back.extra["lossless"]
+    assert sorted(back.draft_routers) == [1, 3] and back.draft_routers[1]["down.weight"].shape == (ckpt.bottleneck, back.model.hidden_size)
+    assert not torch.equal(back.draft_routers[1]["down.weight"], back.routers[1]["down.weight"])
+    assert [r["right"] for r in lossless["checkpoints"]] == [r["exit_top1_agreement"] for r in rows]
+    assert lossless["preset"]["min_layer"] in (1, 3) and lossless["preset"]["pays"] == (lossless["preset"]["speedup"] > 1)
     presets, chosen = back.extra["presets"], back.extra["propagated"]
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
     assert len(back.extra["propagated_evaluations"]) >= 2 and back.extra["answer_tokens"] == 96

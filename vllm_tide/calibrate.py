@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .calibration_report import print_report
+from .drafting import evaluate as evaluate_drafting, train_drafting_routers
 from .checkpoint import CRITERIA, PROJECTIONS, RouterCheckpoint, checkpoint_layers
 from .errors import TideConfigError, exit_on_config_error
 from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metrics, exit_outcomes, fit_projection,
@@ -44,9 +45,10 @@ class CalibrationConfig:
     corpus: list[str] = field(default_factory=list)   # empty: the fixed calibration split
     # Tokens of the calibration pass: the affine exit maps are fitted on all of them, and routers are
     # trained on label_tokens of them, sampled (labels cost a full-vocabulary product per checkpoint and
-    # token, more than the forward pass). Fewer label tokens calibrate much faster but train weaker
-    # routers: on the default model 16k of 24k tokens lost 0.02-0.05 router AUC (docs/CALIBRATION.md),
-    # so the defaults label every token; `make demo` uses the quick setting.
+    # token, more than the forward pass). Fewer calibrate faster but train weaker routers: on the
+    # default model 65k tokens, all labelled, lost up to 0.014 AUC and 0.3 points of propagated
+    # agreement against 110k (docs/CALIBRATION.md), so the defaults label all 110k; `make demo` uses
+    # the quick setting.
     max_tokens: int = 110_000
     label_tokens: int = 110_000
     validation_tokens: int = 11_000  # the validation pass: router AUC, post-hoc figures, propagated text
@@ -316,6 +318,11 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
                            "exit_top1_agreement": val_m[c].agree.float().mean().item(),
                            "exit_kl_median": kl.median().item(), "_labels": y_val})
 
+    # Lossless mode's drafting routers: top-1 labels on the same rows (the full model verifies drafts)
+    with stage("drafting routers"):
+        drafters = train_drafting_routers(labelled, train_m, cfg.bottleneck, cfg.epochs, cfg.seed)
+        lossless = evaluate_drafting(drafters, val, val_m, col.num_layers)
+
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
     propagated, evaluations, presets, unpaid = None, [], {}, {}
     if cfg.select_tokens > 0:
@@ -366,7 +373,8 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
         projection=cfg.exit_projection, projections={c: p for c, p in projections.items() if p is not None},
         criterion=cfg.criterion, corpus=col.corpus_name, tokens=len(train), suggested_threshold=threshold,
         suggested_min_layer=min_layer,
-        extra={"validation": report, "validation_tokens": len(val), "label_tokens": len(labelled),
+        draft_routers={c: {k: v.detach().clone() for k, v in r.state_dict().items()} for c, r in drafters.items()},
+        extra={"validation": report, "lossless": lossless, "validation_tokens": len(val), "label_tokens": len(labelled),
                "post_hoc": overall,
                "answer_tokens": sum(len(seq) - n for seq, n in col.answers),
                "answer_prompts": cfg.answer_prompts or "built-in instructions about validation passages",

@@ -72,3 +72,23 @@ def print_report(ckpt: RouterCheckpoint) -> None:
     if ckpt.suggested_threshold >= 1.0:
         print("  no operating point met the targets and paid for its checkpoints: the router's default keeps exits "
               "off (stock vLLM's forward); pass an explicit threshold to trade quality for speed")
+    lossless = x.get("lossless")
+    if lossless:
+        print_lossless(lossless)
+
+
+def print_lossless(x: dict) -> None:
+    """Lossless mode (drafts verified by the full model): the drafting routers against the oracle."""
+    p, o = x["preset"], x["oracle"]
+    print(f"lossless drafting ({x['basis']}); per checkpoint at threshold {p['threshold']}: how often its draft "
+          f"is right, and the drafting router's AUC, firing rate, precision and recall:")
+    print(f"{'layer':>5} {'right':>6} {'AUC':>6} {'fires':>6} {'prec.':>6} {'recall':>6}")
+    for r in x["checkpoints"]:
+        print(f"{r['layer']:>5} {r['right']:>6.3f} {r['auc']:>6.3f} {r['fires']:>6.3f} {r['precision']:>6.3f} "
+              f"{r['recall']:>6.3f}")
+    print(f"  oracle: {x['oracle_drafts']:.3f} of tokens have a right draft at some checkpoint; drafting each at its "
+          f"earliest, modelled {o['speedup']:.3f}x stock (min layer {o['min_layer']}, {o['draft_tokens']} drafts)")
+    verdict = "pays" if p["pays"] else "does not pay: lossless mode stays off"
+    print(f"  preset lossless: threshold {p['threshold']}, min layer {p['min_layer']}, {p['draft_tokens']} drafts: "
+          f"{p['drafted']:.3f} of tokens drafted, acceptance {p['acceptance']:.3f}, {p['mean_accepted']:.2f} accepted "
+          f"per step, modelled {p['speedup']:.3f}x stock ({verdict})")

@@ -55,6 +55,8 @@ class RouterCheckpoint:
     suggested_threshold: float = 0.9
     suggested_min_layer: int = 0
     extra: dict = field(default_factory=dict)   # free-form calibration report
+    # lossless mode's drafting routers (top-1 labels; vllm_tide.drafting), same shapes; empty in older files
+    draft_routers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
@@ -62,6 +64,9 @@ class RouterCheckpoint:
         for layer, params in self.routers.items():
             for name, t in params.items():
                 tensors[f"router.{layer}.{name}"] = t.detach().float().contiguous().cpu()
+        for layer, params in self.draft_routers.items():
+            for name, t in params.items():
+                tensors[f"draft_router.{layer}.{name}"] = t.detach().float().contiguous().cpu()
         for layer, proj in self.projections.items():
             for name, t in proj.tensors().items():
                 tensors[f"projection.{layer}.{name}"] = t.detach().float().contiguous().cpu()
@@ -113,6 +118,9 @@ class RouterCheckpoint:
             for layer in layers:
                 ckpt.routers[layer] = {n: tensors[f"router.{layer}.{n}"]
                                        for n in ("down.weight", "down.bias", "up.weight", "up.bias")}
+                if f"draft_router.{layer}.up.bias" in tensors:
+                    ckpt.draft_routers[layer] = {n: tensors[f"draft_router.{layer}.{n}"]
+                                                 for n in ("down.weight", "down.bias", "up.weight", "up.bias")}
                 prefix = f"projection.{layer}."
                 found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if ckpt.projection != "identity":
@@ -135,10 +143,11 @@ class RouterCheckpoint:
             if not 0 <= layer < self.model.num_layers - 1:
                 raise TideConfigError(f"{path} places a router at layer {layer}, outside 0..{self.model.num_layers - 2} "
                                       f"(the final layer is never a checkpoint); recalibrate it.")
-            for n, shape in want.items():
-                if tuple(self.routers[layer][n].shape) != shape:
-                    raise TideConfigError(f"{path}: router {layer} {n} has shape {tuple(self.routers[layer][n].shape)}, "
-                                          f"expected {shape}; the file is damaged, recalibrate it.")
+            for kind, params in (("router", self.routers[layer]), ("drafting router", self.draft_routers.get(layer))):
+                for n, shape in want.items() if params is not None else ():
+                    if tuple(params[n].shape) != shape:
+                        raise TideConfigError(f"{path}: {kind} {layer} {n} has shape {tuple(params[n].shape)}, "
+                                              f"expected {shape}; the file is damaged, recalibrate it.")
             problem = self.projections[layer].check(d) if layer in self.projections else None
             if problem:
                 raise TideConfigError(f"{path}: the exit projection at layer {layer} is invalid ({problem}); "
@@ -158,8 +167,8 @@ class RouterCheckpoint:
                 f"The TIDE router {path} was calibrated for a different model (fingerprint {mine.fingerprint} "
                 f"vs {model.fingerprint}); calibrate a router for this model with calibration/calibrate.py.")
 
-    def router_module(self, layer: int):
+    def router_module(self, layer: int, drafting: bool = False):
         from .router import Router
         r = Router(self.model.hidden_size, self.bottleneck)
-        r.load_state_dict(self.routers[layer])
+        r.load_state_dict((self.draft_routers if drafting else self.routers)[layer])
         return r
