@@ -132,8 +132,9 @@ def test_checkpoint_layers_never_include_final_layer():
             checkpoint_layers(30, bad)
 
 
-@pytest.mark.parametrize("value", [0.0, -0.1, 1.01, "0.5", None, float("nan")])
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.01, "0.5", None, float("nan"), True, False])
 def test_threshold_out_of_range(value):
+    """Booleans too: True would read as 1.0 (as the per-request check already refuses them)."""
     with pytest.raises(TideConfigError) as e:
         check_threshold(value)
     one_line(e)

@@ -272,3 +272,7 @@ def test_padded_rows_are_not_counted_and_never_exit(monkeypatch):
     assert not engine.EarlyExitEngine._step_thresholds(step, 5)[1]
     step.step_thresholds, step.threshold = None, 0.8   # every request at the engine's threshold
     assert engine.EarlyExitEngine._step_thresholds(step, 5) == (None, True)
+    assert engine.EarlyExitEngine._step_thresholds(step, 5, 5) == (None, True)
+    # padded rows (3 real of 5) never exit, at the engine's threshold too
+    thr, routing = engine.EarlyExitEngine._step_thresholds(step, 5, 3)
+    assert routing and torch.equal(thr, torch.tensor([0.8, 0.8, 0.8, OFF, OFF]))

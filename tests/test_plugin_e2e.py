@@ -272,7 +272,10 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
         for prompt in PROMPTS[2:4]:      # alone: a decode step whose token exits fills K/V only
             check_against_reference(llm, refs[0], [prompt], 8, loras[0], prompt_logprobs=False)
         stats = exit_stats(llm)
-        assert stats["partial_layer_fraction"] > 0 and stats["skipped_layer_fraction"] > 0, stats
+        # with LoRA a split step's deeper layers run every row (exited ones included): those token-layers
+        # saved nothing and are not counted as partial; a step whose rows all exited skips for real
+        assert stats["partial_layer_fraction"] == 0 and stats["skipped_layer_fraction"] > 0, stats
+        assert sum(stats["exits_per_layer"].values()) > 0, stats
     with_engine(base, {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}, check, enable_lora=True,
                 max_lora_rank=8, max_loras=2)
 

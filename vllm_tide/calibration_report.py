@@ -87,8 +87,8 @@ def print_lossless(x: dict) -> None:
         print(f"{r['layer']:>5} {r['right']:>6.3f} {r['auc']:>6.3f} {r['fires']:>6.3f} {r['precision']:>6.3f} "
               f"{r['recall']:>6.3f}")
     print(f"  oracle: {x['oracle_drafts']:.3f} of tokens have a right draft at some checkpoint; drafting each at its "
-          f"earliest, modelled {o['speedup']:.3f}x stock (min layer {o['min_layer']}, {o['draft_tokens']} drafts)")
+          f"earliest, modelled {o['speedup']:.3f}x stock (min layer {o['min_layer']}, {o['draft_tokens']} draft{'' if o['draft_tokens'] == 1 else 's'} per step)")
     verdict = "pays" if p["pays"] else "does not pay: lossless mode stays off"
-    print(f"  preset lossless: threshold {p['threshold']}, min layer {p['min_layer']}, {p['draft_tokens']} drafts: "
+    print(f"  preset lossless: threshold {p['threshold']}, min layer {p['min_layer']}, {p['draft_tokens']} draft{'' if p['draft_tokens'] == 1 else 's'} per step: "
           f"{p['drafted']:.3f} of tokens drafted, acceptance {p['acceptance']:.3f}, {p['mean_accepted']:.2f} accepted "
           f"per step, modelled {p['speedup']:.3f}x stock ({verdict})")

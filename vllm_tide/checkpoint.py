@@ -35,7 +35,8 @@ OFF = 2.0
 
 
 def check_threshold(threshold: float) -> float:
-    if not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
+    # a bool is an int to Python: True would pass as 1.0 (the per-request check refuses booleans too)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
         raise TideConfigError(f"The TIDE threshold must be a number in (0, 1], got {threshold!r}; "
                               f"1.0 runs the routers without ever exiting.")
     return float(threshold)

@@ -177,7 +177,7 @@ class EarlyExitEngine:
             return model(input_ids, positions, None, inputs_embeds)
         n = positions.shape[-1]
         self.counters.tokens += n if n_real is None else n_real
-        thresholds, routing = self._step_thresholds(n)
+        thresholds, routing = self._step_thresholds(n, n_real, positions.device)
         if not routing:   # no token of this step may exit: stock vLLM's own forward, bit for bit
             return model(input_ids, positions, None, inputs_embeds)
         h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
@@ -200,7 +200,8 @@ class EarlyExitEngine:
             else:
                 h, residual = self.run_layers.partial(i, model.layers[i], self.adapter, positions, h, residual,
                                                       running, all_rows=self.lora)
-                self.counters.partial += n - running.numel()
+                if not self.lora:     # with LoRA every row ran the whole layer: nothing was saved
+                    self.counters.partial += n - running.numel()
             if i in self._routers:
                 h, residual, running = self._route(i, n, h, residual, exits, running, thresholds, score)
             i += 1
@@ -257,11 +258,16 @@ class EarlyExitEngine:
         return self.run_layers(model.layers, start, len(model.layers) - 1, positions, h, residual,
                                final_norm=model.norm)
 
-    def _step_thresholds(self, n: int) -> tuple[torch.Tensor | None, bool]:
-        """(per-token thresholds or None for the engine's one, whether any token of the step may exit)."""
+    def _step_thresholds(self, n: int, n_real: int | None = None,
+                         device: torch.device | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(per-token thresholds or None for the engine's one, whether any token of the step may exit).
+        Rows past ``n_real`` (padding) never exit: they are not the step's tokens, nor counted as such."""
         thr = self.step_thresholds
         if thr is None:     # every request at the engine's threshold (OFF: the router's default is exits off)
-            return None, self.threshold < OFF
+            if n_real is None or n_real >= n or self.threshold >= OFF:
+                return None, self.threshold < OFF
+            thr = torch.full((n_real,), self.threshold, dtype=torch.float32, device=device)
+            self.step_min = self.threshold     # the step's lowest threshold (_route scores at it)
         if thr.numel() < n:        # padded rows never exit
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
         return thr[:n], self.step_min < OFF
