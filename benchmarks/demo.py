@@ -44,10 +44,11 @@ def _engine(args, tide: dict | None):
     return llm
 
 
-def answer(llm, extra: dict | None, max_tokens: int) -> tuple[list[str], int, float]:
-    """Greedy answers to PROMPTS one at a time (batch 1, the latency case): (texts, tokens, seconds)."""
+def answer(llm, extra: dict | None, max_tokens: int, ignore_eos: bool = False) -> tuple[list[str], int, float]:
+    """Greedy answers to PROMPTS one at a time (batch 1, the latency case): (texts, tokens, seconds).
+    Timed with ``ignore_eos``, every answer is max_tokens long, so every setting does the same work."""
     from vllm import SamplingParams
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=extra, ignore_eos=ignore_eos)
     texts, tokens, seconds = [], 0, 0.0
     for p in PROMPTS:
         t0 = time.perf_counter()
@@ -60,7 +61,8 @@ def answer(llm, extra: dict | None, max_tokens: int) -> tuple[list[str], int, fl
 
 def stock(args) -> dict:
     llm = _engine(args, None)
-    texts, tokens, seconds = answer(llm, None, args.max_tokens)
+    texts, _, _ = answer(llm, None, args.max_tokens)
+    _, tokens, seconds = answer(llm, None, args.max_tokens, ignore_eos=True)    # timed as the TIDE engine is
     return {"texts": texts, "tokens_per_s": tokens / seconds}
 
 
@@ -86,16 +88,18 @@ def explain_exits_off(tide: dict, ckpt) -> None:
 
 
 def same_engine_speed(llm, rounds: int, max_tokens: int) -> dict:
-    """Decode tokens/s with exits off (stock's forward) and on, alternating request by request in one
-    engine: (off, on) medians over the rounds."""
+    """Decode tokens/s with exits off (stock's forward), on, and off again (an A/A control: how far two
+    identical settings differ here, the noise floor of the ratio), request by request in one engine, the
+    order rotating each round: medians over the rounds."""
     from statistics import median
 
     from tqdm import tqdm
-    rates = {"off": [], "on": []}
+    arms = ("off", "on", "off_again")
+    rates = {k: [] for k in arms}
     for r in tqdm(range(rounds), desc="same-engine timing", unit="round", file=sys.stdout):
-        order = ("off", "on") if r % 2 == 0 else ("on", "off")
-        for which in order:
-            _, tokens, seconds = answer(llm, {"tide_enabled": False} if which == "off" else None, max_tokens)
+        for which in arms[r % 3:] + arms[:r % 3]:
+            _, tokens, seconds = answer(llm, None if which == "on" else {"tide_enabled": False}, max_tokens,
+                                        ignore_eos=True)
             rates[which].append(tokens / seconds)
     return {k: median(v) for k, v in rates.items()}
 
@@ -106,11 +110,12 @@ def plot(path: str, same: dict, identical: int, skipped: float, tokens_total: in
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     # the same engine for both bars: another process's speed differs by 10-50% on its own
-    bars = a.bar(["stock vLLM's forward\n(exits off)", f"TIDE exits on\n{point}"], [same["off"], same["on"]],
-                 color=["#4c72b0", "#dd8452"])
+    bars = a.bar(["stock vLLM's\nforward (exits off)", "the same again\n(A/A control)", f"TIDE exits on\n{point}"],
+                 [same["off"], same["off_again"], same["on"]], color=["#4c72b0", "#8da0cb", "#dd8452"])
     a.bar_label(bars, fmt="%.1f")
-    a.set_ylabel("decode tokens/s, batch 1, one engine")
-    a.set_title(f"speed: TIDE / stock forward = {same['on'] / same['off']:.3f}x")
+    a.set_ylabel("tokens/s, batch 1, one engine")
+    a.set_title(f"TIDE / stock forward {same['on'] / same['off']:.3f}x; A/A {same['off_again'] / same['off']:.3f}x",
+                fontsize=10)
     n = len(PROMPTS)
     bars = b.bar(["identical greedy\nanswers (%)", "token-layers\nskipped (%)"], [100 * identical / n, 100 * skipped],
                  color=["#55a868", "#dd8452"])
@@ -131,7 +136,7 @@ def main():
     p.add_argument("--preset", default=None, help="default, balanced or fast (stored in the router)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=3, help="same-engine timing rounds (each: every prompt, off and on)")
+    p.add_argument("--rounds", type=int, default=3, help="same-engine timing rounds (each: every prompt, off, on and off again)")
     p.add_argument("--png", default="outputs/demo.png")
     p.add_argument("--stock-json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -166,7 +171,7 @@ def main():
     identical = sum(a == b for a, b in zip(ref["texts"], texts))
     for prompt, a, b in zip(PROMPTS, ref["texts"], texts):
         print(f"\n### {prompt}\n  stock: {a!r}\n  tide : {b!r}")
-    step(f"3/3 speed in the TIDE engine: exits off (stock's forward) and on, alternating, {args.rounds} rounds")
+    step(f"3/3 speed in the TIDE engine: exits off (stock's forward), on, and off again (A/A), {args.rounds} rounds")
     same = same_engine_speed(llm, args.rounds, args.max_tokens)
     point = f"{threshold} / {min_layer}"
     rows = [("identical greedy answers", "(reference)", f"{identical}/{len(PROMPTS)}"),
@@ -175,13 +180,14 @@ def main():
             ("token-layers skipped (K/V fill only)", "0", f"{s['skipped_layer_fraction']:.3f}"),
             ("decode tokens/s, batch 1, same engine", f"{same['off']:.1f} (exits off)", f"{same['on']:.1f}"),
             ("  ratio to stock's forward", "1.000", f"{same['on'] / same['off']:.3f}"),
+            ("  A/A control: exits off again / off", f"{same['off_again'] / same['off']:.3f}", "-"),
             ("decode tokens/s, stock vLLM's own process", f"{ref['tokens_per_s']:.1f}", "-")]
     print(f"\nTIDE at threshold / min layer {point} on {args.model} ({args.dtype}), {s['tokens']} tokens:")
     print(f"| {'':<40} | {'stock':<20} | {'TIDE':<20} |\n|{'-' * 42}|{'-' * 22}|{'-' * 22}|")
     for name, a, b in rows:
         print(f"| {name:<40} | {a:<20} | {b:<20} |")
-    print("(one run; engine processes differ in speed by 10-50%, so the same-engine ratio is the speed figure; "
-          "benchmarks/speed.py measures it properly)")
+    print("(one run; engine processes differ in speed by 10-50%, so the same-engine ratio is the speed figure, and "
+          "a ratio within the A/A control's distance from 1.000 is noise; benchmarks/speed.py measures it properly)")
     os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
     plot(args.png, same, identical, s["skipped_layer_fraction"], s["tokens"], point)
     print(f"\nplot: {os.path.abspath(args.png)}")
