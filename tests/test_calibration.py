@@ -57,7 +57,11 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     assert sorted(back.draft_routers) == [1, 3] and back.draft_routers[1]["down.weight"].shape == (ckpt.bottleneck, back.model.hidden_size)
     assert not torch.equal(back.draft_routers[1]["down.weight"], back.routers[1]["down.weight"])
     assert [r["right"] for r in lossless["checkpoints"]] == [r["exit_top1_agreement"] for r in rows]
-    assert lossless["preset"]["min_layer"] in (1, 3) and lossless["preset"]["pays"] == (lossless["preset"]["speedup"] > 1)
+    preset = lossless["preset"]
+    assert preset["min_layer"] in (1, 3) and preset["pays"] == (preset["speedup"] > 1)
+    # judged on the validation text and on the model's own answers: its figure is the lesser set's
+    assert set(preset["by_set"]) == {"text", "answers"}
+    assert preset["speedup"] == min(r["speedup"] for r in preset["by_set"].values())
     presets, chosen = back.extra["presets"], back.extra["propagated"]
     assert set(presets) == {"default", "balanced", "fast"} and presets["default"] == chosen
     assert len(back.extra["propagated_evaluations"]) >= 2 and back.extra["answer_tokens"] == 96

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .calibration_report import print_report
-from .drafting import evaluate as evaluate_drafting, train_drafting_routers
+from .drafting import answer_states, evaluate as evaluate_drafting, train_drafting_routers
 from .checkpoint import CRITERIA, PROJECTIONS, RouterCheckpoint, checkpoint_layers
 from .errors import TideConfigError, exit_on_config_error
 from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metrics, exit_outcomes, fit_projection,
@@ -321,7 +321,9 @@ def calibrate(cfg: CalibrationConfig, collected: Collected | None = None) -> Rou
     # Lossless mode's drafting routers: top-1 labels on the same rows (the full model verifies drafts)
     with stage("drafting routers"):
         drafters = train_drafting_routers(labelled, train_m, cfg.bottleneck, cfg.epochs, cfg.seed)
-        lossless = evaluate_drafting(drafters, val, val_m, col.num_layers)
+        own = answer_states(col.model, col.answers, layers, cfg.device)
+        own_m = None if own is None else exit_metrics(own, projections, lm_w, with_kl=False, with_nll=False)
+        lossless = evaluate_drafting(drafters, val, val_m, col.num_layers, answers=own, answers_m=own_m)
 
     # The operating point: with propagation on validation sequences (post hoc as a fallback).
     propagated, evaluations, presets, unpaid = None, [], {}, {}

@@ -80,8 +80,8 @@ def print_report(ckpt: RouterCheckpoint) -> None:
 def print_lossless(x: dict) -> None:
     """Lossless mode (drafts verified by the full model): the drafting routers against the oracle."""
     p, o = x["preset"], x["oracle"]
-    print(f"lossless drafting ({x['basis']}); per checkpoint at threshold {p['threshold']}: how often its draft "
-          f"is right, and the drafting router's AUC, firing rate, precision and recall:")
+    print(f"lossless drafting ({x['basis']}); per checkpoint on the validation text at threshold {p['threshold']}: "
+          f"how often its draft is right, and the drafting router's AUC, firing rate, precision and recall:")
     print(f"{'layer':>5} {'right':>6} {'AUC':>6} {'fires':>6} {'prec.':>6} {'recall':>6}")
     for r in x["checkpoints"]:
         print(f"{r['layer']:>5} {r['right']:>6.3f} {r['auc']:>6.3f} {r['fires']:>6.3f} {r['precision']:>6.3f} "
@@ -92,3 +92,7 @@ def print_lossless(x: dict) -> None:
     print(f"  preset lossless: threshold {p['threshold']}, min layer {p['min_layer']}, {p['draft_tokens']} draft{'' if p['draft_tokens'] == 1 else 's'} per step: "
           f"{p['drafted']:.3f} of tokens drafted, acceptance {p['acceptance']:.3f}, {p['mean_accepted']:.2f} accepted "
           f"per step, modelled {p['speedup']:.3f}x stock ({verdict})")
+    for name, r in sorted(p.get("by_set", {}).items()) if len(p.get("by_set", {})) > 1 else ():
+        what = "validation text" if name == "text" else "own answers"
+        print(f"    {what + ':':<18} {r['drafted']:.3f} drafted, acceptance {r['acceptance']:.3f}, "
+              f"modelled {r['speedup']:.3f}x")
