@@ -545,3 +545,28 @@ def test_calibration_takes_a_hub_model_id_from_the_local_cache(tmp_path, monkeyp
     assert RouterCheckpoint.load(out).model == ckpt.model
     with pytest.raises(TideConfigError, match="neither a model folder nor a model id in the local Hugging Face"):
         calibrate(CalibrationConfig(model="tide-test/absent", output=out))
+
+
+@needs_tokenizer
+def test_add_presets_recomputes_the_presets_of_an_existing_router(tmp_path):
+    """`add_presets` (for routers calibrated before presets existed) rebuilds the presets and the
+    suggestion from the stored propagated measurements and new simulations: on an unchanged model and
+    split they equal the ones calibration chose."""
+    from vllm_tide.calibrate import add_presets
+    model = make_tiny_model("llama", str(tmp_path / "m"), DEFAULT_MODEL, num_layers=6)
+    out = str(tmp_path / "r.safetensors")
+    cfg = CalibrationConfig(model=model, output=out, corpus=corpus(tmp_path), max_tokens=3000, seq_len=128,
+                            interval=2, epochs=2, dtype="float32", kl_bound=2.0, target_agreement=0.5,
+                            max_ppl_increase=10.0, select_tokens=256, answer_tokens=64, checkpoint_cost=0.0)
+    first = calibrate(cfg)
+    assert first.extra["presets"]["default"] is not None
+    old = RouterCheckpoint.load(out)
+    for key in ("presets", "unpaid", "propagated"):
+        old.extra.pop(key, None)
+    old.suggested_threshold, old.suggested_min_layer = 1.0, 0
+    old.save(out)
+    again = add_presets(cfg, out)
+    back = RouterCheckpoint.load(out)
+    assert again.extra["presets"] == first.extra["presets"] == back.extra["presets"]
+    assert (back.suggested_threshold, back.suggested_min_layer) == (first.suggested_threshold, first.suggested_min_layer)
+    assert back.extra["propagated"] == back.extra["presets"]["default"]

@@ -258,6 +258,49 @@ def test_cuda_graphs_stay_on_where_tide_resolves_to_exits_off(tmp_path, monkeypa
         assert "request_exits" not in args.additional_config["tide"]
         assert request(args, {"tide_threshold": 0.5}) == "tide:0.5"
 
+def test_pipeline_parallelism_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    """TIDE's layer loop runs the whole stack in one process: --pipeline-parallel-size > 1 is one sentence
+    at start-up (tensor parallelism is supported)."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from helpers import make_tiny_model, synthetic_router
+    from vllm_tide import plugin
+    model = make_tiny_model("llama", str(tmp_path / "m"), None, num_layers=8)
+    router = str(tmp_path / "r.safetensors")
+    synthetic_router(model, router, {}, threshold=0.8)
+    monkeypatch.setattr(plugin, "_pin_v1_model_runner", lambda: None)
+
+    def args(pp):
+        return SimpleNamespace(model=model, additional_config={"tide": {"router": router}}, quantization=None,
+                               kv_cache_dtype="auto", pipeline_parallel_size=pp, enforce_eager=True,
+                               compilation_config={})
+    with pytest.raises(TideConfigError, match="does not support pipeline parallelism; use tensor parallelism") as e:
+        plugin.check_request(args(2))
+    one_line(e)
+    assert plugin.check_request(args(1))
+
+
+def test_tide_request_fields_on_an_engine_without_tide_are_a_400():
+    """An engine started without TIDE answers a request's tide_* parameter with a 400 (VLLMValidationError)
+    that says how to start it, instead of ignoring it; requests without them pass untouched."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.exceptions import VLLMValidationError
+
+    from vllm_tide import request_control
+    processor = SimpleNamespace(vllm_config=SimpleNamespace(additional_config={}))
+    for extra in ({"tide_threshold": 0.5}, {"tide_enabled": False}):
+        req = SimpleNamespace(cache_salt=None)
+        with pytest.raises(VLLMValidationError, match="does not run TIDE early exit.*--plugin tide --tide-router"):
+            request_control.check_and_salt(processor, SimpleNamespace(extra_args=extra), req)
+    for extra in (None, {"other": 1}):
+        req = SimpleNamespace(cache_salt="mine")
+        request_control.check_and_salt(processor, SimpleNamespace(extra_args=extra), req)
+        assert req.cache_salt == "mine"     # stock: no TIDE salt
+
+
 def test_top_level_request_fields_move_into_vllm_xargs():
     """tide_* fields at the top level of a served request body (where vLLM's own extras go) reach the
     per-request checks as if given in vllm_xargs; the same field in both places is one clear error."""
