@@ -4,11 +4,13 @@ A drafting router at checkpoint c scores whether c's exit (projection, then the 
 full model's next token: top-1 labels, not the KL bound, since the full model verifies every draft. The
 validation figures compare it with the oracle (a router that fires exactly where the draft is right),
 and the lossless preset is the (threshold, minimum layer, drafts per step) with the best modelled speed
-(vllm_tide.lossless_model), post hoc on the validation text.
+(vllm_tide.lossless_model), post hoc on the validation text and the model's own answers.
 """
 from __future__ import annotations
 
-from .exit_labels import auc, train_router
+import torch
+
+from .exit_labels import auc, collect_states, train_router
 from .lossless_model import StepCosts, first_exits, speedup
 
 THRESHOLDS = (0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -22,9 +24,6 @@ def train_drafting_routers(labelled, train_m, bottleneck: int, epochs: int, seed
 
 def answer_states(model, answers: list[tuple[list[int], int]], layers: list[int], device: str):
     """Router inputs at the positions that predict the model's own answer tokens (prompts excluded)."""
-    import torch
-
-    from .exit_labels import collect_states
     if not answers:
         return None
     st = collect_states(model, [seq for seq, _ in answers], layers, device, "drafting: own answers")
@@ -39,7 +38,6 @@ def evaluate(routers: dict, val, val_m, num_layers: int, costs: StepCosts = Step
              answers=None, answers_m=None) -> dict:
     """The report's drafting figures on validation, and the lossless preset. With the model's own answers
     (states and exit metrics), a preset is judged on both sets and its modelled speed is the lesser."""
-    import torch
     layers = sorted(routers)
     sets = {"text": (val, val_m), **({"answers": (answers, answers_m)} if answers is not None and len(answers) else {})}
     with torch.no_grad():
