@@ -15,6 +15,7 @@ from .router import ROUTER_INPUT
 
 FORMAT_NAME = "vllm-tide-router"
 FORMAT_VERSION = 1
+ROUTER_TENSORS = ("down.weight", "down.bias", "up.weight", "up.bias")    # one router's, exit or drafting
 CRITERIA = ("top1", "cosine", "kl")
 __all__ = ["CRITERIA", "OFF", "PROJECTIONS", "RouterCheckpoint", "checkpoint_layers", "check_threshold"]
 
@@ -62,12 +63,10 @@ class RouterCheckpoint:
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
         tensors = {}
-        for layer, params in self.routers.items():
-            for name, t in params.items():
-                tensors[f"router.{layer}.{name}"] = t.detach().float().contiguous().cpu()
-        for layer, params in self.draft_routers.items():
-            for name, t in params.items():
-                tensors[f"draft_router.{layer}.{name}"] = t.detach().float().contiguous().cpu()
+        for kind, routers in (("router", self.routers), ("draft_router", self.draft_routers)):
+            for layer, params in routers.items():
+                for name, t in params.items():
+                    tensors[f"{kind}.{layer}.{name}"] = t.detach().float().contiguous().cpu()
         for layer, proj in self.projections.items():
             for name, t in proj.tensors().items():
                 tensors[f"projection.{layer}.{name}"] = t.detach().float().contiguous().cpu()
@@ -117,11 +116,9 @@ class RouterCheckpoint:
                        suggested_min_layer=int(meta["suggested_min_layer"]),
                        extra=json.loads(meta.get("extra", "{}")))
             for layer in layers:
-                ckpt.routers[layer] = {n: tensors[f"router.{layer}.{n}"]
-                                       for n in ("down.weight", "down.bias", "up.weight", "up.bias")}
+                ckpt.routers[layer] = {n: tensors[f"router.{layer}.{n}"] for n in ROUTER_TENSORS}
                 if f"draft_router.{layer}.up.bias" in tensors:
-                    ckpt.draft_routers[layer] = {n: tensors[f"draft_router.{layer}.{n}"]
-                                                 for n in ("down.weight", "down.bias", "up.weight", "up.bias")}
+                    ckpt.draft_routers[layer] = {n: tensors[f"draft_router.{layer}.{n}"] for n in ROUTER_TENSORS}
                 prefix = f"projection.{layer}."
                 found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 if ckpt.projection != "identity":

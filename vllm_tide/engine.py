@@ -262,15 +262,16 @@ class EarlyExitEngine:
                          device: torch.device | None = None) -> tuple[torch.Tensor | None, bool]:
         """(per-token thresholds or None for the engine's one, whether any token of the step may exit).
         Rows past ``n_real`` (padding) never exit: they are not the step's tokens, nor counted as such."""
-        thr = self.step_thresholds
+        thr, may_exit = self.step_thresholds, self.step_min < OFF
         if thr is None:     # every request at the engine's threshold (OFF: the router's default is exits off)
-            if n_real is None or n_real >= n or self.threshold >= OFF:
-                return None, self.threshold < OFF
+            may_exit = self.threshold < OFF
+            if n_real is None or n_real >= n or not may_exit:
+                return None, may_exit
+            # (the runner set step_min to this threshold for the step: _route scores at it)
             thr = torch.full((n_real,), self.threshold, dtype=torch.float32, device=device)
-            self.step_min = self.threshold     # the step's lowest threshold (_route scores at it)
         if thr.numel() < n:        # padded rows never exit
             thr = torch.cat([thr, thr.new_full((n - thr.numel(),), OFF)])
-        return thr[:n], self.step_min < OFF
+        return thr[:n], may_exit
 
     def _route(self, layer, n, h, residual, exits, running, thresholds=None, score=None):
         """Score the running rows of the step's ``n`` at checkpoint ``layer`` (unless the compiled segment
