@@ -18,26 +18,59 @@ TINY = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}),
 }
+# Each branch of a family that changes the exits' arithmetic, as a real config: Llama's q/k/v/o biases;
+# Ministral-3's llama_4_scaling of the query (read by vLLM's MistralAttention, unknown to HF's Mistral);
+# Qwen2's q/k norms (`qk_norm`, read by vLLM's Qwen2Attention; Hugging Face has no such config, so the
+# norm weights are added to the saved file). HF_RUNS: the variants Hugging Face computes as vLLM does.
+VARIANTS = {
+    "llama": ("llama", {}),
+    "llama-bias": ("llama", {"attention_bias": True}),
+    "mistral": ("mistral", {}),
+    "mistral-llama4": ("mistral", {"llama_4_scaling": {"original_max_position_embeddings": 4, "beta": 0.3}}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-qknorm": ("qwen2", {"qk_norm": True}),
+    "qwen3": ("qwen3", {}),
+}
+HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3")
 
 
 def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_layers: int = 8, seed: int = 0,
                     heads: tuple[int, int, int] = (2, 1, 64)) -> str:
-    """A small random-weight model of a family, saved with the default model's tokenizer (or, with
-    tokenizer_dir None, a word-level one over WORDS, for machines without the default model).
-    heads: (query heads, K/V heads, head size)."""
+    """A small random-weight model of a family or VARIANTS entry, saved with the default model's
+    tokenizer (or, with tokenizer_dir None, a word-level one over WORDS, for machines without the
+    default model). heads: (query heads, K/V heads, head size)."""
+    import json
     import transformers
+    from safetensors.torch import load_file, save_file
+    family, variant = VARIANTS.get(family, (family, {}))
     cfg_name, model_name, extra = TINY[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(
         vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
         num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=heads[2], max_position_embeddings=2048,
-        tie_word_embeddings=True, rms_norm_eps=1e-6, **extra)
+        tie_word_embeddings=True, rms_norm_eps=1e-6, **extra,
+        **{k: v for k, v in variant.items() if k != "qk_norm"})
     model = getattr(transformers, model_name)(cfg).float().eval()
     with torch.no_grad():   # larger than init-scale weights, so layers change the residual stream visibly
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.3)
+            elif not name.endswith("model.norm.weight"):   # the routers' norm stays 1: their scores' scale
+                p.uniform_(0.6, 1.4)
     model.save_pretrained(out_dir, safe_serialization=True)
+    if variant.get("qk_norm"):
+        weights = load_file(os.path.join(out_dir, "model.safetensors"))
+        g = torch.Generator().manual_seed(seed + 7)
+        for i in range(num_layers):
+            for n in ("q_norm", "k_norm"):
+                weights[f"model.layers.{i}.self_attn.{n}.weight"] = torch.rand(heads[2], generator=g) * 0.8 + 0.6
+        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({**config, "qk_norm": True}, f, indent=2)
     if tokenizer_dir is None:
         word_tokenizer(out_dir)
         return out_dir
@@ -97,6 +130,51 @@ def synthetic_router(model_dir: str, path: str, fire_at: dict[int, str], interva
                             suggested_threshold=threshold, suggested_min_layer=min_layer)
     ckpt.save(path)
     return ckpt
+
+
+def ladder_router(model_dir: str, path: str, seed: int = 0, projection: str = "affine",
+                  sample: list[list[int]] | None = None) -> dict[float, int]:
+    """Routers at layers 1, 3, 5 whose score logits are -6, 0, +6 plus a token-dependent term (a
+    random direction of the normed state, centred and scaled to spread 0.4 on the full model's states
+    of the sample sequences: pass the ones the test will run, else 96 random tokens): one router file in which each threshold below sends a request's tokens to a
+    known set of checkpoints, so one engine, through per-request thresholds, takes forced exits at
+    every checkpoint and mixed depths in one batch. Returns {threshold: the checkpoint every token
+    exits at (-1: none)}; mixing_threshold gives one that splits a sequence between two checkpoints."""
+    import math
+    from reference import TideReference, rms_norm
+    ckpt = synthetic_router(model_dir, path, {}, interval=2, seed=seed, projection=projection)
+    assert ckpt.layers == [1, 3, 5], ckpt.layers
+    ref = TideReference(model_dir, None)
+    if sample is None:
+        sample = [torch.randint(2, ckpt.model.vocab_size, (96,), generator=torch.Generator().manual_seed(seed)).tolist()]
+    runs = [ref.states(ids) for ids in sample]
+    states = {c: torch.cat([r[c] for r in runs]) for c in ckpt.layers}
+    d, g = ckpt.model.hidden_size, torch.Generator().manual_seed(seed + 500)
+    for c, offset in zip(ckpt.layers, (-6.0, 0.0, 6.0)):
+        w = torch.randn(d, generator=g, dtype=torch.float64)
+        x = rms_norm(states[c], ref.w["model.norm.weight"], ref.eps) @ w
+        w1 = torch.zeros(ckpt.bottleneck, d)
+        w1[0] = (w * 0.4 / x.std()).float()
+        b1 = torch.zeros(ckpt.bottleneck)
+        b1[0] = 10.0 - float(x.median() * 0.4 / x.std())   # silu(10 + x) ~ 10 + x: linear in the direction
+        w2 = torch.zeros(1, ckpt.bottleneck)
+        w2[0, 0] = 1.0
+        ckpt.routers[c] = {"down.weight": w1, "down.bias": b1, "up.weight": w2, "up.bias": torch.tensor([offset - 10.0])}
+    ckpt.save(path)
+    sig = lambda x: 1 / (1 + math.exp(-x))      # noqa: E731
+    return {sig(-9): 1, sig(-3): 3, sig(3): 5, sig(9): -1}
+
+
+def mixing_threshold(ref, ids: list[int], layer: int) -> float:
+    """A threshold that splits this sequence's tokens reaching ``layer`` (a ladder checkpoint) into
+    some that exit there and some that go on: the midpoint of the widest gap between the middle half
+    of their reference scores (so no token's fp32 score sits at the threshold)."""
+    st = ref.states(ids)
+    s = torch.sigmoid(torch.logit(ref._score(layer, st[layer]))).sort().values
+    n = len(s)
+    lo, hi = max(n // 4, 0), max(3 * n // 4, 1)
+    k = lo + int((s[lo + 1: hi + 1] - s[lo:hi]).argmax())
+    return float((s[k] + s[k + 1]) / 2)
 
 
 class Reference:

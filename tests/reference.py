@@ -1,0 +1,152 @@
+"""An independent reference of TIDE's exits, for the tests.
+
+It imports nothing from vllm_tide, nor from transformers' or vLLM's model code: the forward is written
+here from the Hugging Face definitions of the supported families (RMSNorm, rotary, grouped-query
+attention, SiLU-gated MLP) and reads the weights and the router file directly with safetensors. A bug
+shared by the plugin and its reference cannot hide, because there is no shared code.
+
+The spec it implements (docs/DESIGN.md): a token exits at the first checkpoint >= min_layer whose router
+scores > threshold on final_norm(its residual stream after that layer). From then on its residual
+stream is frozen: every deeper layer computes the token's K and V from the frozen state through that
+layer's own input norm, projections, q/k norms and rotary. Its logits are final_norm(frozen), then its
+checkpoint's exit projection, then the LM head.
+
+Everything is computed in float64, one causal pass over the whole sequence.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors import safe_open
+
+F64 = torch.float64
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def load_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k).to(F64) for k in f.keys()}, (f.metadata() or {})
+
+
+class TideReference:
+    """run(ids) -> (logits [T, V] float64, exit layer per token [-1: none], {layer: (K, V) [T, H_kv, hd]}).
+
+    K and V per layer are what that layer's paged cache must hold at each position (for exited tokens,
+    computed from their frozen state; K after q/k norm and rotary)."""
+
+    def __init__(self, model_dir: str, router_path: str | None, threshold: float = 2.0, min_layer: int = 0):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            self.cfg = cfg = json.load(f)
+        self.w = {}
+        for name in sorted(os.listdir(model_dir)):
+            if name.endswith(".safetensors"):
+                self.w.update(load_tensors(os.path.join(model_dir, name))[0])
+        self.n_layers = cfg["num_hidden_layers"]
+        self.nq, self.nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        self.hd = cfg.get("head_dim") or cfg["hidden_size"] // self.nq
+        self.eps = cfg["rms_norm_eps"]
+        rope = cfg.get("rope_parameters") or {}
+        self.theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        assert rope.get("rope_type", "default") == "default", "the reference knows only the default rotary"
+        self.llama4 = cfg.get("llama_4_scaling")          # Mistral-family query scaling, else None
+        self.qk_norm = cfg["model_type"] == "qwen3" or bool(cfg.get("qk_norm"))
+        self.threshold, self.min_layer = threshold, min_layer
+        self.routers, self.projections = {}, {}
+        if router_path is not None:
+            t, meta = load_tensors(router_path)
+            for c in json.loads(meta["checkpoint_layers"]):
+                if c >= min_layer:
+                    self.routers[c] = [t[f"router.{c}.{n}"] for n in ("down.weight", "down.bias", "up.weight", "up.bias")]
+                    self.projections[c] = {k.split(".", 2)[2]: v for k, v in t.items()
+                                           if k.startswith(f"projection.{c}.")}
+
+    def _p(self, name: str) -> torch.Tensor | None:
+        return self.w.get(name)
+
+    def _linear(self, x, prefix: str):
+        y = x @ self.w[prefix + ".weight"].T
+        b = self._p(prefix + ".bias")
+        return y if b is None else y + b
+
+    def _score(self, c: int, h: torch.Tensor) -> torch.Tensor:
+        dw, db, uw, ub = self.routers[c]
+        z = rms_norm(h, self.w["model.norm.weight"], self.eps)
+        a = z @ dw.T + db
+        return torch.sigmoid((a * torch.sigmoid(a)) @ uw.T + ub)[:, 0]
+
+    def _project(self, c: int, y: torch.Tensor) -> torch.Tensor:
+        p = self.projections[c]
+        if "weight" in p:
+            y = y @ p["weight"].T
+        elif "u" in p:
+            y = y + (y @ p["v"].T) @ p["u"].T
+        if "bias" in p:
+            y = y + p["bias"]
+        return y / float(p["temperature"].reshape(-1)[0]) if "temperature" in p else y
+
+    def states(self, ids: list[int]) -> dict[int, torch.Tensor]:
+        """Each layer's output residual stream [T, D] (with this reference's exits)."""
+        return self.run(ids, keep_states=True)[3]
+
+    @torch.no_grad()
+    def run(self, ids: list[int], keep_states: bool = False):
+        T, hd = len(ids), self.hd
+        h = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
+        pos = torch.arange(T, dtype=F64)
+        inv = 1.0 / self.theta ** (torch.arange(0, hd, 2, dtype=F64) / hd)
+        ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)         # [T, hd]
+        cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        exit_at = torch.full((T,), -1)
+        frozen = torch.zeros_like(h)
+        kv, states = {}, {}
+        for li in range(self.n_layers):
+            p = f"model.layers.{li}."
+            x = rms_norm(h, self.w[p + "input_layernorm.weight"], self.eps)
+            q = self._linear(x, p + "self_attn.q_proj").view(T, self.nq, hd)
+            k = self._linear(x, p + "self_attn.k_proj").view(T, self.nkv, hd)
+            v = self._linear(x, p + "self_attn.v_proj").view(T, self.nkv, hd)
+            if self.qk_norm:
+                q = rms_norm(q, self.w[p + "self_attn.q_norm.weight"], self.eps)
+                k = rms_norm(k, self.w[p + "self_attn.k_norm.weight"], self.eps)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            if self.llama4:   # 1 + beta * log(1 + floor(pos / original max positions)), on the query only
+                s = 1 + self.llama4["beta"] * torch.log1p(torch.floor(pos / self.llama4["original_max_position_embeddings"]))
+                q = q * s[:, None, None]
+            kv[li] = (k.clone(), v.clone())
+            rep = self.nq // self.nkv
+            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            att = torch.einsum("thd,shd->hts", q, kk) / math.sqrt(hd)
+            att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+            o = torch.einsum("hts,shd->thd", att, vv).reshape(T, self.nq * hd)
+            h = h + self._linear(o, p + "self_attn.o_proj")
+            x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.eps)
+            g = self._linear(x, p + "mlp.gate_proj")
+            h = h + self._linear(g * torch.sigmoid(g) * self._linear(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+            done = exit_at >= 0
+            h[done] = frozen[done]
+            if li in self.routers:
+                new = (self._score(li, h) > self.threshold) & ~done
+                exit_at[new] = li
+                frozen[new] = h[new]
+            if keep_states:
+                states[li] = h.clone()
+        y = rms_norm(h, self.w["model.norm.weight"], self.eps)
+        for c in self.projections:
+            rows = exit_at == c
+            if rows.any():
+                y[rows] = self._project(c, y[rows])
+        head = self._p("lm_head.weight")
+        logits = y @ (self.w["model.embed_tokens.weight"] if head is None else head).T
+        return (logits, exit_at, kv, states) if keep_states else (logits, exit_at, kv)
