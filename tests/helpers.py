@@ -1,5 +1,5 @@
-"""Test fixtures that need no vLLM: tiny HF models, synthetic routers, and an independent reference
-of the TIDE spec written directly on HF transformers (not by calling the plugin)."""
+"""Test fixtures that need no vLLM: tiny HF models of every family variant, synthetic routers
+(the ladder router among them), LoRA adapters and an EAGLE head. The reference is tests/reference.py."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,6 @@ import torch
 from vllm_tide.checkpoint import RouterCheckpoint, checkpoint_layers
 from vllm_tide.fingerprint import model_identity
 from vllm_tide.projection import ExitProjection
-from vllm_tide.simulate import ExitSimulator
 
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -175,46 +174,6 @@ def mixing_threshold(ref, ids: list[int], layer: int) -> float:
     lo, hi = max(n // 4, 0), max(3 * n // 4, 1)
     k = lo + int((s[lo + 1: hi + 1] - s[lo:hi]).argmax())
     return float((s[k] + s[k + 1]) / 2)
-
-
-class Reference:
-    """The TIDE spec on HF transformers (vllm_tide.simulate, which shares no code with the plugin's
-    vLLM path), recomputing the whole sequence each time, plus direct per-layer K for cache checks."""
-
-    def __init__(self, model_dir: str, ckpt: RouterCheckpoint, threshold: float, min_layer: int):
-        from transformers import AutoModelForCausalLM
-        self.hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.ckpt, self.threshold, self.min_layer = ckpt, threshold, min_layer
-        self.sim = ExitSimulator.from_checkpoint(self.hf, ckpt, threshold, min_layer)
-
-    def run(self, ids: list[int]):
-        """(logits [T, V], exit layer per token [-1: none], layer inputs {layer: [T, D]})."""
-        return self.sim.run(ids, capture_inputs=True)
-
-    @torch.no_grad()
-    def layer_key(self, layer: int, x: torch.Tensor, position: int) -> torch.Tensor:
-        """K of one token at a layer, from its layer input x [D], with the layer's own norm, projection,
-        k-norm and rotary (rotary from the textbook formula, neox style)."""
-        attn = self.hf.model.layers[layer].self_attn
-        h = self.hf.model.layers[layer].input_layernorm(x[None])
-        k = attn.k_proj(h).view(-1, attn.head_dim)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
-        hd = attn.head_dim
-        theta = self.hf.config.rope_parameters["rope_theta"]
-        inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-        ang = position * inv
-        cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
-        k1, k2 = k[:, : hd // 2], k[:, hd // 2:]
-        return torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1)
-
-    def greedy(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-        seq, logits = list(ids), []
-        for _ in range(n):
-            lg = self.run(seq)[0]
-            logits.append(lg[-1])
-            seq.append(int(lg[-1].argmax()))
-        return seq[len(ids):], logits
 
 
 def make_tp_model(out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:

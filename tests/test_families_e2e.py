@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import DEFAULT_MODEL, requires_engine
+from probes import SlotRecorder, cache_errors, logprob_errors
 from helpers import VARIANTS, ladder_router, make_tiny_model, mixing_threshold
 from reference import TideReference
 
@@ -50,78 +51,6 @@ def generate(llm, prompts, thresholds, **kw):
     params = [SamplingParams(temperature=0, max_tokens=DECODE, logprobs=0, prompt_logprobs=0,
                              extra_args={"tide_threshold": t}, **kw) for t in thresholds]
     return llm.generate(prompts, params, use_tqdm=False)
-
-
-def logprob_errors(out, ids, ref):
-    """(computed ids, exit layers, largest |logprob - reference|, largest |logit|) for one request."""
-    gen = list(out.outputs[0].token_ids)
-    seq = ids + gen[:-1]                 # the tokens the engine ran (the last one is never fed back)
-    logits, exit_at, _ = ref.run(seq)
-    lp = torch.log_softmax(logits, -1)
-    got = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
-    got += [out.outputs[0].logprobs[i][gen[i]].logprob for i in range(len(gen))]
-    want = [lp[i - 1, seq[i] if i < len(seq) else gen[-1]].item() for i in range(1, len(seq) + 1)]
-    greedy = [int(lp[len(ids) - 1 + i].argmax()) for i in range(len(gen))]
-    return seq, exit_at, max(abs(a - b) for a, b in zip(got, want)), logits.abs().max().item(), gen, greedy
-
-
-class SlotRecorder:
-    """Wraps the model's forward to record, for each real step, the positions and the cache slots vLLM
-    assigned to them (the attention metadata's slot mapping: block table x block size + offset)."""
-
-    def __init__(self):
-        self.steps = []
-
-    def install(self, model):
-        from vllm.forward_context import get_forward_context
-        forward, name = model.forward, model.model.layers[0].self_attn.attn.layer_name
-        steps = self.steps
-
-        def recorded(input_ids, positions, *args, **kwargs):
-            md = get_forward_context().attn_metadata
-            if md:
-                md = md[name] if isinstance(md, dict) else md
-                n = md.num_actual_tokens
-                steps.append((positions[:n].clone(), md.slot_mapping[:n].clone()))
-            return forward(input_ids, positions, *args, **kwargs)
-        model.forward = recorded
-
-    def slots(self) -> dict[int, int]:
-        """position -> slot, over every recorded step (one request at a time)."""
-        out = {}
-        for pos, slot in self.steps:
-            out.update(zip(pos.tolist(), slot.tolist()))
-        return out
-
-
-def cache_errors(llm, ref, seq, slots) -> dict[int, tuple[float, float]]:
-    """Per layer: (largest |K - reference K| / largest |reference K|, the same for V) over the
-    sequence's positions at their slots. The expected cache is the engine's with the reference's K and
-    V written at those slots by the attention backend's own writer; writing ones into zeros the same
-    way marks which elements hold K and which hold V. So whatever the layout, the difference is the
-    error at exactly those slots."""
-    _, _, kv = ref.run(seq)
-    positions = sorted(slots)
-    assert positions == list(range(len(seq))), positions
-    slot = torch.tensor([slots[p] for p in positions], dtype=torch.int64)
-
-    def compare(model):
-        out = {}
-        for li, layer in enumerate(model.model.layers):
-            attn = layer.self_attn.attn
-            cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
-            k, v = (t.to(cache.dtype) for t in kv[li])
-            expected = cache.clone()
-            attn.impl.do_kv_cache_update(attn, k, v, expected, slot)
-            where_k, where_v = torch.zeros_like(cache), torch.zeros_like(cache)
-            attn.impl.do_kv_cache_update(attn, torch.ones_like(k), torch.zeros_like(v), where_k, slot)
-            attn.impl.do_kv_cache_update(attn, torch.zeros_like(k), torch.ones_like(v), where_v, slot)
-            assert int((where_k != 0).sum()) == k.numel() and int((where_v != 0).sum()) == v.numel()
-            diff = (expected.float() - cache.float()).abs()
-            out[li] = (diff[where_k != 0].max().item() / k.float().abs().max().item(),
-                       diff[where_v != 0].max().item() / v.float().abs().max().item())
-        return out
-    return llm.apply_model(compare)[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import DEFAULT_MODEL, ROOT, requires_engine, run_stock
-from helpers import Reference, make_eagle_head, make_lora_adapter, make_tiny_model, synthetic_router
+from probes import SlotRecorder, StepRecorder, cache_errors, logprob_errors
+from helpers import make_eagle_head, make_lora_adapter, make_tiny_model, synthetic_router
+from reference import TideReference
 
 # Batches compared with the per-token reference take every exit (EVERY_EXIT): by default a step defers
 # exits that would save nothing (engine._take), which depends on the step's other rows.
@@ -49,6 +51,11 @@ def greedy(llm, prompts, n, **kw):
     return outs
 
 
+def DEFAULT_TOKENIZER():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+
+
 def stock_tokens(model, prompts, n):
     out = run_stock(STOCK_SCRIPT, model, str(n), *prompts)
     return json.loads(out.split("JSON", 1)[1])
@@ -78,7 +85,9 @@ def test_threshold_one_is_token_identical_to_stock(tmp_path):
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 1.0}, check)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+# One other family, the one whose attention differs most (q/k norms): the family tests
+# (test_families_e2e.py) check every variant's never-exiting requests against the reference.
+@pytest.mark.parametrize("family", ["qwen3"])
 def test_threshold_one_matches_stock_on_other_families(tiny_models, tmp_path, family):
     model = tiny_models[family]
     router = str(tmp_path / "r.safetensors")
@@ -121,8 +130,8 @@ def check_against_reference(llm, ref, prompts, n, lora_request=None, prompt_logp
 def test_all_tokens_exit_at_one_checkpoint(tmp_path):
     from vllm_tide import exit_stats, ops, reset_exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {15: "all"})
-    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+    synthetic_router(DEFAULT_MODEL, router, {15: "all"})
+    ref = TideReference(DEFAULT_MODEL, router, 0.5, 0)
 
     def check(llm):
         assert exit_stats(llm)["tokens"] == 0      # vLLM's profile and warm-up runs are not counted
@@ -140,33 +149,16 @@ def test_all_tokens_exit_at_one_checkpoint(tmp_path):
         # the exit path went through the ops dispatch layer, every op of it
         assert all(ops.CALLS[name] > 0 for name in ("router_score", "compact", "scatter_rows", "kv_project",
                                                     "kv_cache_write")), ops.CALLS
-        check_propagated_cache(llm, ref, llm.get_tokenizer()(PROMPTS[0])["input_ids"], exit_layer=15)
+        # layers 16..29 of every computed position hold, at the slots vLLM gave it, the K and V the
+        # reference computes from the frozen state (written by the stacked fill alone)
+        recorder = SlotRecorder()
+        llm.apply_model(recorder.install)
+        ids = llm.get_tokenizer()(PROMPTS[0])["input_ids"]
+        seq = ids + list(greedy(llm, PROMPTS[:1], 4)[0].outputs[0].token_ids)[:-1]
+        assert set(ref.run(seq)[1].tolist()) == {15}
+        errs = cache_errors(llm, ref, seq, recorder.slots())
+        assert max(max(e) for e in errs.values()) <= 1e-4, errs
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check)
-
-
-def check_propagated_cache(llm, ref, ids, exit_layer):
-    """Deeper layers' paged caches hold, for exited tokens, the K computed from the frozen state."""
-    from vllm_tide.kv_cache import cache_layout, cache_views
-    _, exit_at, inputs = ref.run(ids)
-    layers = [exit_layer + 1, len(ref.hf.model.layers) - 1]
-
-    def read_keys(model):
-        out = {}
-        for j in layers:
-            attn = model.model.layers[j].self_attn.attn
-            views = cache_views(attn.kv_cache, cache_layout(attn), attn.num_kv_heads, attn.head_size)
-            out[j] = None if views is None else views[0].reshape(-1, attn.num_kv_heads, attn.head_size).clone()
-        return out
-
-    keys = llm.apply_model(read_keys)[0]
-    for j in layers:
-        if keys[j] is None:
-            pytest.skip("this CPU's attention ISA uses a packed cache layout")
-        for t in range(1, len(ids)):
-            assert exit_at[t] == exit_layer
-            want = ref.layer_key(j, inputs[j][t], t)
-            dist = (keys[j] - want).flatten(1).norm(dim=1).min().item()
-            assert dist <= 1e-4 * want.norm().item() * 10
 
 
 @pytest.mark.parametrize("projection", ["affine", "temperature", "lowrank"])
@@ -175,8 +167,8 @@ def test_mixed_exits_with_each_exit_projection(tmp_path, projection):
     (every checkpoint has a different one; affine carries a temperature too)."""
     from vllm_tide import exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection=projection, seed=6)
-    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+    synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, projection=projection, seed=6)
+    ref = TideReference(DEFAULT_MODEL, router, 0.5, 0)
 
     def check(llm):
         check_against_reference(llm, ref, PROMPTS, 6)
@@ -193,8 +185,8 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
     from vllm import SamplingParams
     from vllm_tide import exit_stats, reset_exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, seed=6)
-    ref = Reference(DEFAULT_MODEL, ckpt, 0.5, 0)
+    synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some", 23: "some"}, seed=6)
+    ref = TideReference(DEFAULT_MODEL, router, 0.5, 0)
     os.environ["TIDE_TEST_EAGER"] = "0"
     try:
         want = stock_tokens(DEFAULT_MODEL, PROMPTS, 16)
@@ -229,15 +221,21 @@ def test_compiled_layers_match_stock_and_reference(tmp_path):
 
 def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
     """With a 32-token budget the short prompt decodes while the long one is still prefilling (mixed
-    prefill/decode steps), the long one is chunked, and the second pass reuses cached prefix blocks."""
+    prefill/decode steps), the long one is chunked, and the second pass reuses cached prefix blocks;
+    each of those is asserted from vLLM's own step metadata and prefix-cache counters, with exits."""
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=5)
     tide = {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}   # the same exits in any step
     prompts = [PROMPTS[0], " ".join(PROMPTS) * 3]
     one_shot = with_engine(DEFAULT_MODEL, tide, lambda llm: [o.outputs[0] for o in greedy(llm, prompts, 8, logprobs=0)])
 
+    long_len = len(DEFAULT_TOKENIZER()(prompts[1])["input_ids"])
+
     def check(llm):
-        for _ in range(2):
+        steps = StepRecorder()
+        llm.apply_model(steps.install)
+        for n in range(2):
+            steps.steps.clear()
             for out, want in zip(greedy(llm, prompts, 8, logprobs=0), one_shot):
                 out = out.outputs[0]
                 assert list(out.token_ids) == list(want.token_ids)
@@ -245,8 +243,22 @@ def test_chunked_prefill_and_prefix_caching_match_one_shot(tmp_path):
                     (ta, la), = a.items()
                     (tb, lb), = b.items()
                     assert ta == tb and abs(la.logprob - lb.logprob) < 1e-3
+            hits = {m.name: m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits"}
+            assert (hits["vllm:prefix_cache_hits"] > 0) == (n == 1), hits     # the second pass hits
+            if n == 0:
+                # a chunk: the long prompt brought fewer tokens than its sequence, before its end;
+                # mixed: a decode row (1 token) beside a prefill chunk (> 1) in one step; exits in both
+                chunked = [s for s in steps.steps if any(1 < q < sl < long_len for q, sl in zip(s[0], s[1]))]
+                mixed = [s for s in steps.steps if 1 in s[0] and max(s[0]) > 1]
+                assert chunked and mixed, steps.steps
+                assert sum(s[2] for s in chunked) > 0 and sum(s[2] for s in mixed) > 0, steps.steps
+            else:
+                # the long prompt's cached blocks were not recomputed: its first step brought only the
+                # tail (sequence length - new tokens >= one 32-token block), and that step took exits
+                cached = [s for s in steps.steps if any(q > 1 and sl - q >= 32 for q, sl in zip(s[0], s[1]))]
+                assert cached and sum(s[2] for s in cached) > 0, steps.steps
     with_engine(DEFAULT_MODEL, tide, check, enable_chunked_prefill=True, max_num_batched_tokens=32,
-                enable_prefix_caching=True)
+                enable_prefix_caching=True, disable_log_stats=False)
 
 
 def test_lora_requests_exit_like_their_merged_models(tmp_path):
@@ -259,13 +271,13 @@ def test_lora_requests_exit_like_their_merged_models(tmp_path):
     from vllm_tide import exit_stats
     base = make_tiny_model("llama", str(tmp_path / "base"), DEFAULT_MODEL)
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(base, router, {3: "some"}, seed=2)
+    synthetic_router(base, router, {3: "some"}, seed=2)
     loras, refs = [], []
     for i in (1, 2):
         adapter, merged = str(tmp_path / f"adapter{i}"), str(tmp_path / f"merged{i}")
         make_lora_adapter(base, adapter, merged, seed=i)
         loras.append(LoRARequest(f"adapter{i}", i, adapter))
-        refs.append(Reference(merged, ckpt, 0.5, 0))
+        refs.append(TideReference(merged, router, 0.5, 0))
 
     def check(llm):
         check_against_reference(llm, refs, PROMPTS[:2], 8, loras, prompt_logprobs=False)    # partial layers
@@ -326,18 +338,28 @@ def test_exit_stats_with_the_engine_in_its_own_process(tmp_path):
     assert stats["reset"]["tokens"] == 0 and stats["reset"]["exits_per_layer"] == {"3": 0}
 
 
-def test_bf16_exits_run_and_count(tmp_path):
+def test_bf16_exits_match_the_reference_on_the_default_model(tmp_path):
+    """bf16 on the real model: every token exits at 19 (layers 20..29 skipped), and each token's
+    logprob is within BF16_TOL nats of the float64 reference's."""
+    from vllm import SamplingParams
     from vllm_tide import exit_stats
     router = str(tmp_path / "r.safetensors")
     synthetic_router(DEFAULT_MODEL, router, {19: "all"})
+    ref = TideReference(DEFAULT_MODEL, router, 0.5, 0)
 
     def check(llm):
-        outs = greedy(llm, PROMPTS[:2], 8)
-        assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        params = SamplingParams(temperature=0, max_tokens=8, logprobs=0, prompt_logprobs=0)
+        outs = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+        for prompt, out in zip(PROMPTS[:2], outs):
+            _, exit_at, err, _, _, _ = logprob_errors(out, llm.get_tokenizer()(prompt)["input_ids"], ref)
+            assert set(exit_at.tolist()) == {19} and err <= BF16_TOL, err
         stats = exit_stats(llm)
         assert stats["exits_per_layer"][19] == stats["tokens"] > 0
         assert stats["skipped_layer_fraction"] == pytest.approx(10 / 30)
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.5, "min_layer": 0}, check, dtype="bfloat16")
+
+
+BF16_TOL = 0.6      # nats, largest over tokens: 30 bf16 layers against float64 (0.36 measured, 2026-12-06)
 
 
 # ----------------------------------------------------------------------------- bad input: one clear line

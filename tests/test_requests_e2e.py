@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import DEFAULT_MODEL, requires_engine
-from helpers import Reference, synthetic_router
+from helpers import synthetic_router
+from reference import TideReference
 from test_plugin_e2e import PROMPTS, stock_tokens, with_engine
 
 from vllm_tide.settings import EVERY_EXIT
@@ -27,7 +28,7 @@ def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
     from vllm import SamplingParams
     from vllm_tide import exit_stats, reset_exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
+    synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
     # the engine's threshold (0.7), a lower one, a raised one that never exits (1.0), exits off
     settings = [(None, None), (0.2, None), (1.0, None), (None, False)]
     effective = [0.7, 0.2, 1.0, None]
@@ -45,7 +46,7 @@ def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
             if thr is None:
                 continue
             ids = tok(prompt)["input_ids"]
-            logits, exit_at, _ = Reference(DEFAULT_MODEL, ckpt, thr, 0).run(ids + gen)
+            logits, exit_at, _ = TideReference(DEFAULT_MODEL, router, thr, 0).run(ids + gen)
             lp = torch.log_softmax(logits.double(), -1)
             got = [out.outputs[0].logprobs[i][gen[i]].logprob for i in range(len(gen))]
             want = [lp[len(ids) - 1 + i, gen[i]].item() for i in range(len(gen))]
@@ -73,7 +74,7 @@ def test_exits_that_would_save_nothing_are_deferred(tmp_path):
     its output is stock's, although its router fires; alone, the same request exits."""
     from vllm_tide import exit_stats, reset_exit_stats
     router = str(tmp_path / "r.safetensors")
-    ckpt = synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
+    synthetic_router(DEFAULT_MODEL, router, {11: "some", 19: "some"}, seed=7)
     want_stock = stock_tokens(DEFAULT_MODEL, PROMPTS[:2], 8)
 
     def check(llm):
@@ -86,7 +87,7 @@ def test_exits_that_would_save_nothing_are_deferred(tmp_path):
         alone = llm.generate(PROMPTS[:1], params(8, 0.2), use_tqdm=False)[0]    # batch 1: every decode exit taken
         ids = llm.get_tokenizer()(PROMPTS[0])["input_ids"]
         gen = list(alone.outputs[0].token_ids)
-        _, exit_at, _ = Reference(DEFAULT_MODEL, ckpt, 0.2, 0).run(ids + gen)
+        _, exit_at, _ = TideReference(DEFAULT_MODEL, router, 0.2, 0).run(ids + gen)
         decode_exits = int((exit_at[len(ids):-1] >= 0).sum())    # decode steps (the prompt has other rows)
         assert decode_exits > 0 and sum(exit_stats(llm)["exits_per_layer"].values()) >= decode_exits
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0}, check)
