@@ -16,6 +16,8 @@ TINY = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}),
+    # fused qkv_proj and gate_up_proj in the checkpoint; a separate LM head, as Phi-3 ships
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None, "pad_token_id": 0, "tie_word_embeddings": False}),
 }
 # Each branch of a family that changes the exits' arithmetic, as a real config: Llama's q/k/v/o biases;
 # Ministral-3's llama_4_scaling of the query (read by vLLM's MistralAttention, unknown to HF's Mistral);
@@ -29,8 +31,9 @@ VARIANTS = {
     "qwen2": ("qwen2", {}),
     "qwen2-qknorm": ("qwen2", {"qk_norm": True}),
     "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
 }
-HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3")
+HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_layers: int = 8, seed: int = 0,
@@ -44,11 +47,12 @@ def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_la
     family, variant = VARIANTS.get(family, (family, {}))
     cfg_name, model_name, extra = TINY[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cfg_name)(
-        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-        num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=heads[2], max_position_embeddings=2048,
-        tie_word_embeddings=True, rms_norm_eps=1e-6, **extra,
-        **{k: v for k, v in variant.items() if k != "qk_norm"})
+    kwargs = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
+                  num_attention_heads=heads[0], num_key_value_heads=heads[1], head_dim=heads[2],
+                  max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    kwargs.update(extra)
+    kwargs.update({k: v for k, v in variant.items() if k != "qk_norm"})
+    cfg = getattr(transformers, cfg_name)(**kwargs)
     model = getattr(transformers, model_name)(cfg).float().eval()
     with torch.no_grad():   # larger than init-scale weights, so layers change the residual stream visibly
         for name, p in model.named_parameters():

@@ -59,6 +59,7 @@ class TideReference:
         rope = cfg.get("rope_parameters") or {}
         self.theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         assert rope.get("rope_type", "default") == "default", "the reference knows only the default rotary"
+        assert rope.get("partial_rotary_factor", 1.0) == 1.0, "the reference rotates whole heads"
         self.llama4 = cfg.get("llama_4_scaling")          # Mistral-family query scaling, else None
         self.qk_norm = cfg["model_type"] == "qwen3" or bool(cfg.get("qk_norm"))
         self.threshold, self.min_layer = threshold, min_layer
@@ -114,9 +115,12 @@ class TideReference:
         for li in range(self.n_layers):
             p = f"model.layers.{li}."
             x = rms_norm(h, self.w[p + "input_layernorm.weight"], self.eps)
-            q = self._linear(x, p + "self_attn.q_proj").view(T, self.nq, hd)
-            k = self._linear(x, p + "self_attn.k_proj").view(T, self.nkv, hd)
-            v = self._linear(x, p + "self_attn.v_proj").view(T, self.nkv, hd)
+            if p + "self_attn.qkv_proj.weight" in self.w:      # Phi-3: one fused projection, q then k then v
+                q, k, v = self._linear(x, p + "self_attn.qkv_proj").split(
+                    [self.nq * hd, self.nkv * hd, self.nkv * hd], dim=-1)
+            else:
+                q, k, v = (self._linear(x, p + f"self_attn.{n}_proj") for n in "qkv")
+            q, k, v = q.reshape(T, self.nq, hd), k.reshape(T, self.nkv, hd), v.reshape(T, self.nkv, hd)
             if self.qk_norm:
                 q = rms_norm(q, self.w[p + "self_attn.q_norm.weight"], self.eps)
                 k = rms_norm(k, self.w[p + "self_attn.k_norm.weight"], self.eps)
@@ -132,8 +136,11 @@ class TideReference:
             o = torch.einsum("hts,shd->thd", att, vv).reshape(T, self.nq * hd)
             h = h + self._linear(o, p + "self_attn.o_proj")
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.eps)
-            g = self._linear(x, p + "mlp.gate_proj")
-            h = h + self._linear(g * torch.sigmoid(g) * self._linear(x, p + "mlp.up_proj"), p + "mlp.down_proj")
+            if p + "mlp.gate_up_proj.weight" in self.w:         # Phi-3: gate then up, fused
+                g, u = self._linear(x, p + "mlp.gate_up_proj").chunk(2, dim=-1)
+            else:
+                g, u = self._linear(x, p + "mlp.gate_proj"), self._linear(x, p + "mlp.up_proj")
+            h = h + self._linear(g * torch.sigmoid(g) * u, p + "mlp.down_proj")
             done = exit_at >= 0
             h[done] = frozen[done]
             if li in self.routers:

@@ -28,7 +28,8 @@ def corpus(tmp_path):
 @needs_tokenizer
 @pytest.mark.parametrize("family,criterion,projection,cost", [("llama", "top1", "identity", 100.0),
                                                               ("qwen2", "kl", "temperature", 0.0),
-                                                              ("qwen3", "cosine", "affine", 0.0)])
+                                                              ("qwen3", "cosine", "affine", 0.0),
+                                                              ("phi3", "top1", "affine", 0.0)])
 def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     from vllm_tide.simulate import ExitSimulator
     from transformers import AutoModelForCausalLM

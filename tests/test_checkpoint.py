@@ -212,6 +212,20 @@ def test_fingerprint_tracks_weights_as_stored(tmp_path):
     assert model_identity(str(tmp_path / "a")) == a
 
 
+def test_fingerprint_hashes_a_fused_qkv_projection(tmp_path):
+    """Phi-3 stores no k_proj: its fused qkv_proj is hashed instead, so a change to it is seen."""
+    from safetensors.torch import save_file
+    cfg = {"architectures": ["Phi3ForCausalLM"], "num_hidden_layers": 2, "hidden_size": 4, "vocab_size": 10}
+    qkv = torch.randn(12, 4)
+    for name, last in (("a", qkv.clone()), ("b", qkv + 1e-3 * (torch.arange(48).view(12, 4) == 47))):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        save_file({"model.norm.weight": torch.ones(4), "model.layers.0.self_attn.qkv_proj.weight": qkv,
+                   "model.layers.1.self_attn.qkv_proj.weight": last}, str(tmp_path / name / "model.safetensors"))
+    a, b = model_identity(str(tmp_path / "a")), model_identity(str(tmp_path / "b"))
+    assert a.fingerprint and b.fingerprint and a.fingerprint != b.fingerprint
+
+
 def test_cuda_graphs_stay_on_where_tide_resolves_to_exits_off(tmp_path, monkeypatch):
     """On a CUDA-like platform, a router whose default keeps exits off leaves the CUDA graph mode as the
     user set it (stock's forward runs every step), and a request's own tide_threshold is then a 400

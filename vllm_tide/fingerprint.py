@@ -33,13 +33,15 @@ class ModelIdentity:
         return cls(**json.loads(text))
 
 
-def _hashed_tensor_names(num_layers: int) -> list[str]:
-    last = num_layers - 1
-    return ["model.norm.weight",
-            "model.layers.0.input_layernorm.weight",
-            "model.layers.0.self_attn.k_proj.weight",
-            f"model.layers.{last}.input_layernorm.weight",
-            f"model.layers.{last}.self_attn.k_proj.weight"]
+def _hashed_tensor_names(num_layers: int, present) -> list[str]:
+    """The final norm, and the first and last layers' input norm and K projection: k_proj, or the
+    fused qkv_proj holding it in families that store one (Phi-3)."""
+    names = ["model.norm.weight"]
+    for i in (0, num_layers - 1):
+        names.append(f"model.layers.{i}.input_layernorm.weight")
+        k = f"model.layers.{i}.self_attn.k_proj.weight"
+        names.append(k if k in present else f"model.layers.{i}.self_attn.qkv_proj.weight")
+    return [n for n in names if n in present]
 
 
 def _safetensors_files(model_dir: str) -> dict[str, str]:
@@ -80,7 +82,7 @@ def model_identity(model_dir: str) -> ModelIdentity:
     num_layers = int(cfg["num_hidden_layers"])
     digest = hashlib.sha256(json.dumps({k: cfg.get(k) for k in _CONFIG_KEYS}, sort_keys=True).encode())
     files = _safetensors_files(model_dir)
-    names = [n for n in _hashed_tensor_names(num_layers) if n in files]
+    names = _hashed_tensor_names(num_layers, files)
     fingerprint = None
     if names:
         import torch

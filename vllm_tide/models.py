@@ -9,6 +9,7 @@ import logging
 
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.phi3 import Phi3ForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
@@ -77,3 +78,5 @@ TideLlamaForCausalLM = _tide_variant(LlamaForCausalLM, DecoderAdapter())
 TideMistralForCausalLM = _tide_variant(MistralForCausalLM, MistralAdapter())
 TideQwen2ForCausalLM = _tide_variant(Qwen2ForCausalLM, Qwen2Adapter())
 TideQwen3ForCausalLM = _tide_variant(Qwen3ForCausalLM, Qwen3Adapter())
+# vLLM runs Phi-3 on its Llama layers (fused q/k/v and gate/up are what they load anyway)
+TidePhi3ForCausalLM = _tide_variant(Phi3ForCausalLM, DecoderAdapter())

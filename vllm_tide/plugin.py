@@ -19,6 +19,7 @@ SUPPORTED = {
     "MistralForCausalLM": "TideMistralForCausalLM",
     "Qwen2ForCausalLM": "TideQwen2ForCausalLM",
     "Qwen3ForCausalLM": "TideQwen3ForCausalLM",
+    "Phi3ForCausalLM": "TidePhi3ForCausalLM",
 }
 _PATCHED = "_vllm_tide_patched"
 
