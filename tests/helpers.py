@@ -18,6 +18,10 @@ TINY = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": False}),
     # fused qkv_proj and gate_up_proj in the checkpoint; a separate LM head, as Phi-3 ships
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None, "pad_token_id": 0, "tie_word_embeddings": False}),
+    # no fused residual, one tensor out of each layer; every multiplier away from 1 (Granite 3 ships
+    # 12 / 1/128 / 0.22 / 8); the attention multiplier replaces 1/sqrt(head size)
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 4.0, "attention_multiplier": 0.09,
+                                                        "residual_multiplier": 0.5, "logits_scaling": 2.5}),
 }
 # Each branch of a family that changes the exits' arithmetic, as a real config: Llama's q/k/v/o biases;
 # Ministral-3's llama_4_scaling of the query (read by vLLM's MistralAttention, unknown to HF's Mistral);
@@ -32,8 +36,9 @@ VARIANTS = {
     "qwen2-qknorm": ("qwen2", {"qk_norm": True}),
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),
+    "granite": ("granite", {}),
 }
-HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3")
+HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
 def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_layers: int = 8, seed: int = 0,

@@ -62,6 +62,13 @@ class TideReference:
         assert rope.get("partial_rotary_factor", 1.0) == 1.0, "the reference rotates whole heads"
         self.llama4 = cfg.get("llama_4_scaling")          # Mistral-family query scaling, else None
         self.qk_norm = cfg["model_type"] == "qwen3" or bool(cfg.get("qk_norm"))
+        # Granite's multipliers (1 elsewhere): embeddings, each block's residual update, attention
+        # scores (instead of 1/sqrt(head size)) and the logits (divided by logits_scaling)
+        granite = cfg["model_type"] == "granite"
+        self.embedding_multiplier = cfg.get("embedding_multiplier", 1.0) if granite else 1.0
+        self.residual_multiplier = cfg.get("residual_multiplier", 1.0) if granite else 1.0
+        self.attention_scale = cfg["attention_multiplier"] if granite else 1 / math.sqrt(self.hd)
+        self.logits_scaling = cfg.get("logits_scaling", 1.0) if granite else 1.0
         self.threshold, self.min_layer = threshold, min_layer
         self.routers, self.projections = {}, {}
         if router_path is not None:
@@ -103,7 +110,7 @@ class TideReference:
     @torch.no_grad()
     def run(self, ids: list[int], keep_states: bool = False):
         T, hd = len(ids), self.hd
-        h = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
+        h = self.w["model.embed_tokens.weight"][torch.tensor(ids)] * self.embedding_multiplier
         pos = torch.arange(T, dtype=F64)
         inv = 1.0 / self.theta ** (torch.arange(0, hd, 2, dtype=F64) / hd)
         ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)         # [T, hd]
@@ -131,16 +138,16 @@ class TideReference:
             kv[li] = (k.clone(), v.clone())
             rep = self.nq // self.nkv
             kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            att = torch.einsum("thd,shd->hts", q, kk) / math.sqrt(hd)
+            att = torch.einsum("thd,shd->hts", q, kk) * self.attention_scale
             att = att.masked_fill(~causal, float("-inf")).softmax(-1)
             o = torch.einsum("hts,shd->thd", att, vv).reshape(T, self.nq * hd)
-            h = h + self._linear(o, p + "self_attn.o_proj")
+            h = h + self._linear(o, p + "self_attn.o_proj") * self.residual_multiplier
             x = rms_norm(h, self.w[p + "post_attention_layernorm.weight"], self.eps)
             if p + "mlp.gate_up_proj.weight" in self.w:         # Phi-3: gate then up, fused
                 g, u = self._linear(x, p + "mlp.gate_up_proj").chunk(2, dim=-1)
             else:
                 g, u = self._linear(x, p + "mlp.gate_proj"), self._linear(x, p + "mlp.up_proj")
-            h = h + self._linear(g * torch.sigmoid(g) * u, p + "mlp.down_proj")
+            h = h + self._linear(g * torch.sigmoid(g) * u, p + "mlp.down_proj") * self.residual_multiplier
             done = exit_at >= 0
             h[done] = frozen[done]
             if li in self.routers:
@@ -155,5 +162,5 @@ class TideReference:
             if rows.any():
                 y[rows] = self._project(c, y[rows])
         head = self._p("lm_head.weight")
-        logits = y @ (self.w["model.embed_tokens.weight"] if head is None else head).T
+        logits = y @ (self.w["model.embed_tokens.weight"] if head is None else head).T / self.logits_scaling
         return (logits, exit_at, kv, states) if keep_states else (logits, exit_at, kv)

@@ -29,7 +29,8 @@ def corpus(tmp_path):
 @pytest.mark.parametrize("family,criterion,projection,cost", [("llama", "top1", "identity", 100.0),
                                                               ("qwen2", "kl", "temperature", 0.0),
                                                               ("qwen3", "cosine", "affine", 0.0),
-                                                              ("phi3", "top1", "affine", 0.0)])
+                                                              ("phi3", "top1", "affine", 0.0),
+                                                              ("granite", "kl", "temperature", 0.0)])
 def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     from vllm_tide.simulate import ExitSimulator
     from transformers import AutoModelForCausalLM
@@ -82,12 +83,16 @@ def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     assert chosen["top1_agreement"] >= 0.5 and chosen["ppl_ratio"] <= 11.0
     for p in [*presets.values(), *back.extra["unpaid"].values()]:   # each met its bar in the measurement
         assert p is None or p in back.extra["propagated_evaluations"]
-    # re-simulating the point independently
+    # the saved point, read back by the independent reference (its own reading of the file and its own
+    # forward), exits exactly as calibration's simulator does with the calibrated modules
+    from reference import TideReference
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    sim = ExitSimulator.from_checkpoint(hf, back, chosen["threshold"], chosen["min_layer"])
-    logits, exit_at, _ = sim.run(list(range(100, 228)))
-    assert logits.shape == (128, 49152) and torch.isfinite(logits).all()
+    ids = list(range(100, 228))
+    logits, exit_at, _ = ExitSimulator.from_checkpoint(hf, back, chosen["threshold"], chosen["min_layer"]).run(ids)
+    want, want_exit, _ = TideReference(model, out, chosen["threshold"], chosen["min_layer"]).run(ids)
+    assert exit_at.tolist() == want_exit.tolist() and (want_exit >= 0).any()
     assert set(exit_at.tolist()) <= {-1, 1, 3} and all(e < 0 or e >= chosen["min_layer"] for e in exit_at.tolist())
+    assert (logits.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
 def _states(z: dict, final, top1, target):

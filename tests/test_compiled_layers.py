@@ -4,7 +4,8 @@ without compiling again, and partial layers compiled per layer where layers diff
 import pytest
 import torch
 
-from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_segment
+from vllm_tide.compiled_layers import FusedResidualLayers, SegmentRunner, _run_partial_layer, _run_segment
+from vllm_tide.engine import DecoderAdapter
 
 D = 16
 
@@ -56,7 +57,7 @@ class _Layer(torch.nn.Module):
         return self.mlp(a), residual
 
 
-class _Adapter:
+class _Adapter(DecoderAdapter):
     def attention_core(self, attn, positions, normed):
         return attn.core(positions, normed)
 
@@ -81,10 +82,10 @@ def test_segment_traced_once_then_matches_eager_at_every_size(compiles):
     positions, h, residual = _rows(1, gen)
     out = runner(layers, 1, 3, positions, h, residual)          # 1 row before tracing: eager
     assert not runner.traced and compiles == []
-    torch.testing.assert_close(out, _run_segment(layers[1:4], positions, h, residual), rtol=0, atol=0)
+    torch.testing.assert_close(out, _run_segment(layers[1:4], FusedResidualLayers(), positions, h, residual), rtol=0, atol=0)
     for n in (5, 1, 2, 33):                                      # traced at 5, then bytecode at every size
         positions, h, residual = _rows(n, gen)
-        want = _run_segment(layers[1:4], positions, h.clone(), residual.clone())
+        want = _run_segment(layers[1:4], FusedResidualLayers(), positions, h.clone(), residual.clone())
         got = runner(layers, 1, 3, positions, h, residual)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert runner.traced and compiles == ["tide_layers_1_3"]
@@ -159,7 +160,7 @@ def test_segment_with_inductor_matches_eager():
     runner, gen = SegmentRunner("inductor"), torch.Generator().manual_seed(3)
     for n in (4, 1, 17):
         positions, h, residual = _rows(n, gen)
-        want = _run_segment(layers, positions, h.clone(), residual.clone())
+        want = _run_segment(layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
         torch.testing.assert_close(runner(layers, 0, 1, positions, h, residual), want, rtol=1e-5, atol=1e-5)
     assert runner.traced
 
@@ -172,7 +173,7 @@ def test_final_segment_includes_the_final_norm(compiles):
     runner, gen = SegmentRunner("eager"), torch.Generator().manual_seed(4)
     for n in (3, 1, 12):
         positions, h, residual = _rows(n, gen)
-        want = norm(*_run_segment(layers, positions, h.clone(), residual.clone()))[0]
+        want = norm(*_run_segment(layers, FusedResidualLayers(), positions, h.clone(), residual.clone()))[0]
         got = runner(layers, 0, 1, positions, h, residual, final_norm=norm)
         assert got.shape == (n, D)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -205,7 +206,7 @@ def test_segments_on_cuda_match_cpu(backend):
         exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
         h[exited] = 0
         cuda = lambda *ts: [t.clone().cuda() for t in ts]  # noqa: E731  (copies: layers write in place)
-        want = _run_segment(cpu_layers, positions, h.clone(), residual.clone())
+        want = _run_segment(cpu_layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
         got = runner(layers, 0, 1, *cuda(positions, h, residual))
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, **tol)
@@ -217,7 +218,7 @@ def test_segments_on_cuda_match_cpu(backend):
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, **tol)
         got = runner(layers, 0, 1, *cuda(positions, h, residual), final_norm=norm)
-        want_h, want_r = _run_segment(cpu_layers, positions, h.clone(), residual.clone())
+        want_h, want_r = _run_segment(cpu_layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
         torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r)[0], **tol)
     assert runner.traced
 

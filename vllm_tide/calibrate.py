@@ -36,6 +36,7 @@ from .exit_labels import (States, auc, collect_states, cosine_labels, exit_metri
 from .fingerprint import model_identity
 from .operating_points import (PostHocBound, PropagatedEval, choose_post_hoc, choose_presets, exit_summary,
                                simulate_exits, suggestion)
+from .simulate import lm_head_weight
 
 
 @dataclass
@@ -262,7 +263,7 @@ def collect(cfg: CalibrationConfig) -> Collected:
         val = collect_states(model, val_seqs, layers, cfg.device, "validation pass")
     with stage("own answers"):
         answers = own_answers(model, tokenizer, val_seqs, cfg)
-    lm_w = model.get_output_embeddings().weight.detach()     # on the model's device, like the LM head
+    lm_w = lm_head_weight(model)     # on the model's device, like the LM head (Granite's logits_scaling in it)
     return Collected(model, identity, num_layers, layers, train, val, val_seqs, answers, lm_w, corpus_name, dtype,
                      why, time.time() - t0, stage.seconds)
 

@@ -25,25 +25,25 @@ from . import ops
 from .ops import CUDA_LIBRARY, reference
 
 
-def _run_segment(layers, positions, h, residual):
+def _run_segment(layers, adapter, positions, h, residual):
     for layer in layers:
-        h, residual = layer(positions, h, residual)
+        h, residual = adapter.layer(layer, positions, h, residual)
     return h, residual
 
 
-def _run_segment_final(layers, positions, h, residual, norm):
+def _run_segment_final(layers, adapter, positions, h, residual, norm):
     """The last segment, then the model's final norm, in the same graph (as in stock's compiled forward)."""
-    h, residual = _run_segment(layers, positions, h, residual)
+    h, residual = _run_segment(layers, adapter, positions, h, residual)
     return norm(h, residual)[0]
 
 
-def _run_segment_scored(layers, positions, h, residual, router):
+def _run_segment_scored(layers, adapter, positions, h, residual, router):
     """The segment, then its end checkpoint's router score for every row, in the same graph.
 
     With the CUDA library loaded the score is the fused CUDA op; elsewhere it is the op's PyTorch twin
     traced into the graph, so inductor fuses it with the segment's end.
     """
-    h, residual = _run_segment(layers, positions, h, residual)
+    h, residual = _run_segment(layers, adapter, positions, h, residual)
     return h, residual, _score(h + residual, router)
 
 
@@ -53,32 +53,22 @@ def _score(x, router):
 
 
 def _run_partial_layer(layer, adapter, positions, h, residual, running):
-    """One layer with only the ``running`` rows continuing: the attention block runs over all rows (so
-    exited rows write this layer's K/V from their frozen state), the output projection, MLP and
-    residual update over the running rows only; exited rows keep (hidden=0, residual=frozen)."""
-    h, residual = layer.input_layernorm(h, residual)
-    attn_out = adapter.attention_core(layer.self_attn, positions, h)
-    a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
-    a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
-    a = layer.mlp(a)
-    h_new = torch.zeros_like(h)
-    ops.scatter_rows(h_new, running, a)
-    ops.scatter_rows(residual, running, r)
-    return h_new, residual
+    """One layer with only the ``running`` rows continuing (the family's adapter says how)."""
+    return adapter.partial_layer(layer, positions, h, residual, running, all_rows=False)
 
 
 def _run_partial_layer_all_rows(layer, adapter, positions, h, residual, running):
     """_run_partial_layer's result, computed over every row with only the running rows kept: for LoRA
     engines, whose adapted projections index their adapters by the step's token order."""
-    h, residual = layer.input_layernorm(h, residual)
-    attn_out = adapter.attention_core(layer.self_attn, positions, h)
-    a, _ = layer.self_attn.o_proj(attn_out)
-    a, r = layer.post_attention_layernorm(a, residual.clone())   # the fused add may write in place
-    a = layer.mlp(a)
-    h_new = torch.zeros_like(h)
-    ops.scatter_rows(h_new, running, a.index_select(0, running))
-    ops.scatter_rows(residual, running, r.index_select(0, running))
-    return h_new, residual
+    return adapter.partial_layer(layer, positions, h, residual, running, all_rows=True)
+
+
+class FusedResidualLayers:
+    """How segments call a decoder layer in vLLM's fused-residual form (engine.DecoderAdapter and its
+    subclasses say it for each family; this is the default for a runner used on its own)."""
+
+    def layer(self, layer, positions, h, residual):
+        return layer(positions, h, residual)
 
 
 # (scored, with final norm) -> (function, graph name suffix)
@@ -88,7 +78,8 @@ _SEGMENTS = {(False, False): (_run_segment, ""),
 
 
 class SegmentRunner:
-    """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm])``,
+    """Runs segments (``runner(layers, start, end, positions, h, residual[, router | final_norm])``, each
+    layer called through ``runner.adapter``,
     layers start..end inclusive, with ``router`` also the score at ``end``, with ``final_norm`` the normed
     output instead of (h, residual)) and partial layers (``runner.partial(...)``), compiled or eagerly.
 
@@ -96,8 +87,9 @@ class SegmentRunner:
     module, which is not free on every step).
     """
 
-    def __init__(self, backend: str | None = None, options: dict | None = None):
+    def __init__(self, backend: str | None = None, options: dict | None = None, adapter=None):
         self.compiled = backend is not None
+        self.adapter = adapter or FusedResidualLayers()     # the engine sets its family's adapter
         self._backend = backend
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
@@ -122,11 +114,12 @@ class SegmentRunner:
         base, suffix = _SEGMENTS[router is not None, final_norm is not None]
         extra = tuple(x for x in (router, final_norm) if x is not None)
         if not self.compiled:
-            return base(layers, positions, h, residual, *extra)
+            return base(layers, self.adapter, positions, h, residual, *extra)
         key = (start, end, suffix)
         if key not in self._fns:
-            self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}{suffix}", self._backend, self._options)
-        return self._fns[key](layers, positions, h, residual, *extra)
+            self._fns[key] = _CompiledFn(base, f"tide_layers_{start}_{end}{suffix}", self._backend, self._options,
+                                         num_static=2)
+        return self._fns[key](layers, self.adapter, positions, h, residual, *extra)
 
     def partial(self, index: int, layer, adapter, positions, h, residual, running, all_rows: bool = False):
         """Layer ``index`` for the running rows only (see _run_partial_layer; with ``all_rows``,

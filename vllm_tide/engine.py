@@ -40,7 +40,37 @@ logger = logging.getLogger("vllm.tide")
 
 
 class DecoderAdapter:
-    """Where a family keeps its pieces. The Llama layout; other families override what differs."""
+    """Where a family keeps its pieces and how its layers are called. The Llama layout (vLLM's fused
+    residual: a layer takes and returns (hidden, residual), the stream being their sum); other families
+    override what differs."""
+
+    def embed(self, model, input_ids, inputs_embeds):
+        return inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+
+    def layer(self, layer, positions, h, residual):
+        return layer(positions, h, residual)
+
+    def partial_layer(self, layer, positions, h, residual, running, all_rows: bool = False):
+        """One layer with only the ``running`` rows continuing: the attention block runs over all rows
+        (so exited rows write this layer's K/V from their frozen state), the output projection, MLP and
+        residual update over the running rows only (``all_rows``: over every row, only the running rows
+        kept, for LoRA); exited rows keep (hidden=0, residual=frozen)."""
+        h, residual = layer.input_layernorm(h, residual)
+        attn_out = self.attention_core(layer.self_attn, positions, h)
+        h_new = torch.zeros_like(h)
+        if all_rows:
+            a, _ = layer.self_attn.o_proj(attn_out)
+            a, r = layer.post_attention_layernorm(a, residual.clone())   # the fused add may write in place
+            a = layer.mlp(a)
+            ops.scatter_rows(h_new, running, a.index_select(0, running))
+            ops.scatter_rows(residual, running, r.index_select(0, running))
+            return h_new, residual
+        a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
+        a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
+        a = layer.mlp(a)
+        ops.scatter_rows(h_new, running, a)
+        ops.scatter_rows(residual, running, r)
+        return h_new, residual
 
     def attention_core(self, attn, positions: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """The attention block up to (not including) the output projection; writes this layer's K/V."""
@@ -86,6 +116,31 @@ class Qwen2Adapter(Qwen3Adapter):
         return super().k_norm(attn) if getattr(attn, "qk_norm", False) else None
 
 
+class GraniteAdapter(DecoderAdapter):
+    """Granite's layers take and return the residual stream itself (no fused residual), each block's
+    update scaled by residual_multiplier, and the embeddings by embedding_multiplier. The engine holds
+    its stream in the fused form as (hidden=0, residual=stream), so routing, freezing and the final
+    norm are unchanged. Its attention_multiplier is the attention layer's own scale, and its
+    logits_scaling is applied by the model's logits processor, to exited rows as to the others."""
+
+    def embed(self, model, input_ids, inputs_embeds):
+        return super().embed(model, input_ids, inputs_embeds) * model.config.embedding_multiplier
+
+    def layer(self, layer, positions, h, residual):
+        x = layer(positions, h if residual is None else h + residual)
+        return torch.zeros_like(x), x
+
+    def partial_layer(self, layer, positions, h, residual, running, all_rows: bool = False):
+        x = h + residual                  # exited rows: hidden 0, so their frozen stream
+        attn_out = self.attention_core(layer.self_attn, positions, layer.input_layernorm(x))
+        rows = slice(None) if all_rows else running
+        a, _ = layer.self_attn.o_proj(attn_out[rows])
+        y = x[rows] + a * layer.residual_multiplier
+        y = y + layer.mlp(layer.post_attention_layernorm(y)) * layer.residual_multiplier
+        ops.scatter_rows(x, running, y.index_select(0, running) if all_rows else y)
+        return torch.zeros_like(x), x
+
+
 class MistralAdapter(DecoderAdapter):
     def scale_query(self, attn, positions, q):
         if getattr(attn, "do_llama_4_scaling", False):
@@ -124,6 +179,7 @@ class EarlyExitEngine:
         self._kv: dict | None = None
         self._tp = None
         self.run_layers = run_layers or SegmentRunner()     # compiled as the engine compiles, or eager
+        self.run_layers.adapter = adapter
         # when exits that leave rows running are taken (see _take; settings.py)
         self.split_min_rows, self.split_min_fraction = split_rule
         # per-request thresholds of the current step, set by the model runner (request_control)
@@ -180,7 +236,7 @@ class EarlyExitEngine:
         thresholds, routing = self._step_thresholds(n, n_real, positions.device)
         if not routing:   # no token of this step may exit: stock vLLM's own forward, bit for bit
             return model(input_ids, positions, None, inputs_embeds)
-        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        h = self.adapter.embed(model, input_ids, inputs_embeds)
         residual = None
         exits = []                 # (checkpoint layer, row indices that exited there)
         running = None             # row indices still running; None means all
@@ -224,7 +280,7 @@ class EarlyExitEngine:
 
     def _warm_up(self, model, input_ids, positions, inputs_embeds) -> None:
         """Trace every compiled function during vLLM's start-up dummy runs, not on the first request."""
-        h = inputs_embeds if inputs_embeds is not None else model.embed_input_ids(input_ids)
+        h = self.adapter.embed(model, input_ids, inputs_embeds)
         residual, i = None, 0
         while self._segment_end[i] < len(model.layers) - 1:
             end, h, residual, _ = self._segment(model, i, positions, h, residual)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm.model_executor.models.granite import GraniteForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.phi3 import Phi3ForCausalLM
@@ -15,7 +16,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .checkpoint import OFF, RouterCheckpoint
 from .compiled_layers import SegmentRunner
-from .engine import DecoderAdapter, EarlyExitEngine, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from .engine import DecoderAdapter, EarlyExitEngine, GraniteAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
 from .plugin import patch_worker
 from .settings import TideSettings
 
@@ -80,3 +81,4 @@ TideQwen2ForCausalLM = _tide_variant(Qwen2ForCausalLM, Qwen2Adapter())
 TideQwen3ForCausalLM = _tide_variant(Qwen3ForCausalLM, Qwen3Adapter())
 # vLLM runs Phi-3 on its Llama layers (fused q/k/v and gate/up are what they load anyway)
 TidePhi3ForCausalLM = _tide_variant(Phi3ForCausalLM, DecoderAdapter())
+TideGraniteForCausalLM = _tide_variant(GraniteForCausalLM, GraniteAdapter())

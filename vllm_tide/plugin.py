@@ -20,6 +20,7 @@ SUPPORTED = {
     "Qwen2ForCausalLM": "TideQwen2ForCausalLM",
     "Qwen3ForCausalLM": "TideQwen3ForCausalLM",
     "Phi3ForCausalLM": "TidePhi3ForCausalLM",
+    "GraniteForCausalLM": "TideGraniteForCausalLM",
 }
 _PATCHED = "_vllm_tide_patched"
 

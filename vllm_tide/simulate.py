@@ -173,4 +173,12 @@ def full_pass(hf_model, ids: list[int], starts: list[int], rows_from: int = 0) -
 def lm_logits(hf_model, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head in fp32: the full model's logits and every point's are computed alike, so their
     numerics cancel when calibration compares them."""
-    return hidden.float() @ hf_model.get_output_embeddings().weight.float().T
+    return hidden.float() @ lm_head_weight(hf_model).float().T
+
+
+def lm_head_weight(hf_model) -> torch.Tensor:
+    """The LM head's weight as the logits use it: Granite divides its logits by logits_scaling, which
+    is the same as dividing the (bias-free) head's weight."""
+    w = hf_model.get_output_embeddings().weight.detach()
+    scaling = float(getattr(hf_model.config, "logits_scaling", 1.0) or 1.0)
+    return w if scaling == 1.0 else w / scaling
