@@ -22,6 +22,9 @@ TINY = {
     # 12 / 1/128 / 0.22 / 8); the attention multiplier replaces 1/sqrt(head size)
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 4.0, "attention_multiplier": 0.09,
                                                         "residual_multiplier": 0.5, "logits_scaling": 2.5}),
+    # Gemma 3 (the text model, as Gemma 3 1B ships): a 4-token sliding window, so that short prompts
+    # see it; layer 5 of 8 is global (its own rotary base), the others slide
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 4}),
 }
 # Each branch of a family that changes the exits' arithmetic, as a real config: Llama's q/k/v/o biases;
 # Ministral-3's llama_4_scaling of the query (read by vLLM's MistralAttention, unknown to HF's Mistral);
@@ -37,8 +40,9 @@ VARIANTS = {
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {}),
     "granite": ("granite", {}),
+    "gemma3": ("gemma3", {}),
 }
-HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3", "granite")
+HF_RUNS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "phi3", "granite", "gemma3")
 
 
 def make_tiny_model(family: str, out_dir: str, tokenizer_dir: str | None, num_layers: int = 8, seed: int = 0,
@@ -149,7 +153,7 @@ def ladder_router(model_dir: str, path: str, seed: int = 0, projection: str = "a
     every checkpoint and mixed depths in one batch. Returns {threshold: the checkpoint every token
     exits at (-1: none)}; mixing_threshold gives one that splits a sequence between two checkpoints."""
     import math
-    from reference import TideReference, rms_norm
+    from reference import TideReference
     ckpt = synthetic_router(model_dir, path, {}, interval=2, seed=seed, projection=projection)
     assert ckpt.layers == [1, 3, 5], ckpt.layers
     ref = TideReference(model_dir, None)
@@ -160,7 +164,7 @@ def ladder_router(model_dir: str, path: str, seed: int = 0, projection: str = "a
     d, g = ckpt.model.hidden_size, torch.Generator().manual_seed(seed + 500)
     for c, offset in zip(ckpt.layers, (-6.0, 0.0, 6.0)):
         w = torch.randn(d, generator=g, dtype=torch.float64)
-        x = rms_norm(states[c], ref.w["model.norm.weight"], ref.eps) @ w
+        x = ref._norm(states[c], "model.norm.weight") @ w      # the routers see the final norm
         w1 = torch.zeros(ckpt.bottleneck, d)
         w1[0] = (w * 0.4 / x.std()).float()
         b1 = torch.zeros(ckpt.bottleneck)

@@ -13,16 +13,17 @@ import torch
 
 
 def _wrap_forward(model, record):
-    """model.forward calls record(positions, this step's attention metadata, run) in real steps."""
+    """model.forward calls record(positions, attention metadata by layer name, run) in real steps."""
     from vllm.forward_context import get_forward_context
-    forward, name = model.forward, model.model.layers[0].self_attn.attn.layer_name
+    forward = model.forward
+    names = [layer.self_attn.attn.layer_name for layer in model.model.layers]
 
     def recorded(input_ids, positions, *args, **kwargs):
         md = get_forward_context().attn_metadata
         run = lambda: forward(input_ids, positions, *args, **kwargs)      # noqa: E731
         if not md:
             return run()
-        return record(positions, md[name] if isinstance(md, dict) else md, run)
+        return record(positions, {n: md[n] if isinstance(md, dict) else md for n in names}, run)
     model.forward = recorded
 
 
@@ -33,7 +34,8 @@ class StepRecorder:
         self.steps = []
 
     def install(self, model):
-        def record(positions, md, run):
+        def record(positions, by_layer, run):
+            md = next(iter(by_layer.values()))
             before = sum(model.tide_counters.exits.values())
             out = run()
             n = len(md.seq_lens)
@@ -45,42 +47,48 @@ class StepRecorder:
 
 class SlotRecorder:
     """Wraps the model's forward to record, for each real step, the positions and the cache slots vLLM
-    assigned to them (the attention metadata's slot mapping: block table x block size + offset)."""
+    assigned to them in each layer (the attention metadata's slot mapping: block table x block size +
+    offset; layers of different KV cache groups, such as Gemma 3's sliding and global ones, differ)."""
 
     def __init__(self):
         self.steps = []
 
     def install(self, model):
-        def record(positions, md, run):
-            n = md.num_actual_tokens
-            self.steps.append((positions[:n].clone(), md.slot_mapping[:n].clone()))
+        def record(positions, by_layer, run):
+            n = next(iter(by_layer.values())).num_actual_tokens
+            self.steps.append((positions[:n].clone(), [md.slot_mapping[:n].clone() for md in by_layer.values()]))
             return run()
         _wrap_forward(model, record)
 
-    def slots(self) -> dict[int, int]:
-        """position -> slot, over every recorded step (one request at a time)."""
-        out = {}
-        for pos, slot in self.steps:
-            out.update(zip(pos.tolist(), slot.tolist()))
+    def slots(self) -> list[dict[int, int]]:
+        """Per layer, position -> slot, over every recorded step (one request at a time)."""
+        out = None
+        for pos, per_layer in self.steps:
+            out = out or [{} for _ in per_layer]
+            for table, slot in zip(out, per_layer):
+                table.update(zip(pos.tolist(), slot.tolist()))
         return out
 
 
-def cache_errors(llm, ref, seq, slots) -> dict[int, tuple[float, float]]:
+def cache_errors(llm, ref, seq, slots, block_size: int = 32) -> dict[int, tuple[float, float]]:
     """Per layer: (largest |K - reference K| / largest |reference K|, the same for V) over the
     sequence's positions at their slots. The expected cache is the engine's with the reference's K and
     V written at those slots by the attention backend's own writer; writing ones into zeros the same
-    way marks which elements hold K and which hold V. So whatever the layout, the difference is the
-    error at exactly those slots."""
+    way marks which elements hold K and which hold V. So whatever the layout (blocks first), the
+    difference is the error at exactly those slots. Only the blocks the slots are in are copied
+    (layers may share one cache tensor of the whole KV space, as Gemma 3's do)."""
     _, _, kv = ref.run(seq)
-    positions = sorted(slots)
-    assert positions == list(range(len(seq))), positions
-    slot = torch.tensor([slots[p] for p in positions], dtype=torch.int64)
+    assert all(sorted(table) == list(range(len(seq))) for table in slots), [sorted(t) for t in slots]
 
     def compare(model):
         out = {}
         for li, layer in enumerate(model.model.layers):
+            slot = torch.tensor([slots[li][p] for p in range(len(seq))], dtype=torch.int64)
+            blocks, local = torch.unique(slot // block_size, return_inverse=True)
+            slot = local * block_size + slot % block_size          # the same slots in the blocks' copy
             attn = layer.self_attn.attn
             cache = attn.kv_cache[0] if isinstance(attn.kv_cache, list) else attn.kv_cache
+            cache = cache[blocks]                                   # a copy of just those blocks
             k, v = (t.to(cache.dtype) for t in kv[li])
             expected = cache.clone()
             attn.impl.do_kv_cache_update(attn, k, v, expected, slot)

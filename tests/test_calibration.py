@@ -30,7 +30,8 @@ def corpus(tmp_path):
                                                               ("qwen2", "kl", "temperature", 0.0),
                                                               ("qwen3", "cosine", "affine", 0.0),
                                                               ("phi3", "top1", "affine", 0.0),
-                                                              ("granite", "kl", "temperature", 0.0)])
+                                                              ("granite", "kl", "temperature", 0.0),
+                                                              ("gemma3", "kl", "affine", 0.0)])
 def test_calibration_end_to_end(tmp_path, family, criterion, projection, cost):
     from vllm_tide.simulate import ExitSimulator
     from transformers import AutoModelForCausalLM

@@ -67,7 +67,7 @@ def mixed_thresholds(model, router, ids):
 # each variant with its own exit projection kind, so every kind meets every path somewhere
 PROJECTION = {"llama": "affine", "llama-bias": "lowrank", "mistral": "temperature", "mistral-llama4": "affine",
               "qwen2": "identity", "qwen2-qknorm": "lowrank", "qwen3": "affine", "phi3": "temperature",
-              "granite": "affine"}
+              "granite": "affine", "gemma3": "lowrank"}
 
 
 def check_requests(llm, model, router, thresholds, want_layers, ids, tol):

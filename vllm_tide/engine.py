@@ -32,6 +32,7 @@ import torch
 from . import ops
 from .checkpoint import OFF, RouterCheckpoint
 from .kv_cache import write_layers_kv
+from .router import norm_weight_eps
 from .compiled_layers import SegmentRunner
 from .settings import DEFAULT_SPLIT_RULE
 from .stats import ExitCounters
@@ -60,17 +61,20 @@ class DecoderAdapter:
         h_new = torch.zeros_like(h)
         if all_rows:
             a, _ = layer.self_attn.o_proj(attn_out)
-            a, r = layer.post_attention_layernorm(a, residual.clone())   # the fused add may write in place
-            a = layer.mlp(a)
+            a, r = self.mlp_block(layer, a, residual.clone())   # the fused add may write in place
             ops.scatter_rows(h_new, running, a.index_select(0, running))
             ops.scatter_rows(residual, running, r.index_select(0, running))
             return h_new, residual
         a, _ = layer.self_attn.o_proj(attn_out.index_select(0, running))
-        a, r = layer.post_attention_layernorm(a, residual.index_select(0, running))
-        a = layer.mlp(a)
+        a, r = self.mlp_block(layer, a, residual.index_select(0, running))
         ops.scatter_rows(h_new, running, a)
         ops.scatter_rows(residual, running, r)
         return h_new, residual
+
+    def mlp_block(self, layer, attn_out, residual):
+        """From the attention output projection to the layer's (hidden, residual) output."""
+        a, r = layer.post_attention_layernorm(attn_out, residual)
+        return layer.mlp(a), r
 
     def attention_core(self, attn, positions: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """The attention block up to (not including) the output projection; writes this layer's K/V."""
@@ -104,6 +108,21 @@ class Qwen3Adapter(DecoderAdapter):
 
     def k_norm(self, attn):
         return attn.k_norm.weight, attn.k_norm.variance_epsilon
+
+
+class Gemma3Adapter(Qwen3Adapter):
+    """Gemma 3: q/k norms (Gemma norms multiply by 1 + w: norm_weight_eps gives the fill that weight),
+    sandwich norms around the attention and the MLP, sliding-window layers with their own rotary
+    base (the fill runs each run of layers with one rotary table). Its embedding scale is in vLLM's
+    embed_input_ids; query_pre_attn_scalar and the sliding windows are the attention layers' own."""
+
+    def k_norm(self, attn):
+        return norm_weight_eps(attn.k_norm)
+
+    def mlp_block(self, layer, attn_out, residual):
+        a = layer.post_attention_layernorm(attn_out)
+        a, r = layer.pre_feedforward_layernorm(a, residual)
+        return layer.post_feedforward_layernorm(layer.mlp(a)), r
 
 
 class Qwen2Adapter(Qwen3Adapter):
@@ -146,6 +165,18 @@ class MistralAdapter(DecoderAdapter):
         if getattr(attn, "do_llama_4_scaling", False):
             q = (q * attn._get_llama_4_attn_scale(positions)).to(q.dtype)
         return q
+
+
+def _rotary_runs(ropes: list) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive layers that share one rotary module: a single run, except where
+    layers alternate rotary bases (Gemma 3's sliding-window and global layers)."""
+    runs = []
+    for j, rope in enumerate(ropes):
+        if runs and ropes[runs[-1][0]] is rope:
+            runs[-1] = (runs[-1][0], j + 1)
+        else:
+            runs.append((j, j + 1))
+    return runs
 
 
 def _real_step() -> tuple[bool, int | None]:
@@ -203,23 +234,23 @@ class EarlyExitEngine:
                                 r["up.weight"].float().reshape(-1).to(dev), r["up.bias"].float().reshape(1).to(dev))
             if c in self.ckpt.projections:
                 self._proj[c] = self.ckpt.projections[c].to(dev)
-        self._norm = (model.norm.weight.data, float(model.norm.variance_epsilon))
+        self._norm = norm_weight_eps(model.norm)
         attns = [layer.self_attn for layer in model.layers]
         a0 = attns[0]
         q, kv = a0.q_size, a0.kv_size
-        norms = [layer.input_layernorm.weight.data for layer in model.layers]
+        norms = [norm_weight_eps(layer.input_layernorm)[0] for layer in model.layers]
         kv_w = [a.qkv_proj.weight.data[q:q + 2 * kv] for a in attns]
         biases = [getattr(a.qkv_proj, "bias", None) for a in attns]
         knorms = [self.adapter.k_norm(a) for a in attns]
-        rope = a0.rotary_emb
+        ropes = [a.rotary_emb for a in attns]
         self._kv = {
             "w": ops.fold_kv_weights(kv_w, norms),              # [L*2*kv, D]
             "bias": None if biases[0] is None else torch.cat([b.data[q:q + 2 * kv] for b in biases]),
             "k_norm": None if knorms[0] is None else torch.stack([w.data for w, _ in knorms]),
             "k_norm_eps": 0.0 if knorms[0] is None else float(knorms[0][1]),
-            "eps": float(model.layers[0].input_layernorm.variance_epsilon),
+            "eps": norm_weight_eps(model.layers[0].input_layernorm)[1],
             "kv_size": kv, "num_kv_heads": a0.num_kv_heads, "head_size": a0.head_dim,
-            "rotary_dim": rope.rotary_dim, "neox": bool(rope.is_neox_style), "rope": rope,
+            "runs": _rotary_runs(ropes), "ropes": ropes,
             "layer_names": [a.attn.layer_name for a in attns],
         }
 
@@ -370,13 +401,16 @@ class EarlyExitEngine:
         if self.lora:
             return self._fill_kv_through_modules(model, frozen, positions, start)
         kv = self._kv
-        count = len(model.layers) - start
-        rows = slice(start * 2 * kv["kv_size"], None)
-        k, v = ops.kv_project(frozen, kv["w"][rows], None if kv["bias"] is None else kv["bias"][rows], kv["eps"],
-                              None if kv["k_norm"] is None else kv["k_norm"][start:], kv["k_norm_eps"],
-                              kv["rope"].cos_sin_cache, positions, count, kv["num_kv_heads"], kv["head_size"],
-                              kv["rotary_dim"], kv["neox"])
-        write_layers_kv(kv["layer_names"][start:], k, v)
+        for a, b in kv["runs"]:
+            a = max(a, start)
+            if a >= b:
+                continue
+            rope, rows = kv["ropes"][a], slice(a * 2 * kv["kv_size"], b * 2 * kv["kv_size"])
+            k, v = ops.kv_project(frozen, kv["w"][rows], None if kv["bias"] is None else kv["bias"][rows], kv["eps"],
+                                  None if kv["k_norm"] is None else kv["k_norm"][a:b], kv["k_norm_eps"],
+                                  rope.cos_sin_cache, positions, b - a, kv["num_kv_heads"], kv["head_size"],
+                                  rope.rotary_dim, bool(rope.is_neox_style))
+            write_layers_kv(kv["layer_names"][a:b], k, v)
 
     def _fill_kv_through_modules(self, model, frozen, positions, start: int) -> None:
         """_fill_kv one layer at a time through the layers' own norm and K/V projection (so LoRA applies)."""

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .projection import ExitProjection, fit_affine, fit_temperature, row_blocks
-from .router import Router, router_input
+from .router import Router, norm_weight_eps, router_input
 
 TEMPERATURE_SAMPLE = 1024     # tokens per checkpoint for the temperature fit (one scalar)
 
@@ -56,10 +56,10 @@ def collect_states(model, seqs: list[list[int]], layers: list[int], device: str,
     try:
         for seq in tqdm(seqs, desc=desc, unit="seq", file=sys.stderr):
             model.model(input_ids=torch.tensor([seq], device=device), use_cache=False)
-            eps = norm.variance_epsilon
+            w, eps = norm_weight_eps(norm)
             for c in layers:
-                z[c].append(router_input(captured[c][0], norm.weight, eps).cpu())
-            finals.append(router_input(captured[len(decoder) - 1][0], norm.weight, eps).cpu())
+                z[c].append(router_input(captured[c][0], w, eps).cpu())
+            finals.append(router_input(captured[len(decoder) - 1][0], w, eps).cpu())
     finally:
         for h in handles:
             h.remove()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.granite import GraniteForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -16,7 +17,8 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from .checkpoint import OFF, RouterCheckpoint
 from .compiled_layers import SegmentRunner
-from .engine import DecoderAdapter, EarlyExitEngine, GraniteAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter
+from .engine import (DecoderAdapter, EarlyExitEngine, Gemma3Adapter, GraniteAdapter, MistralAdapter, Qwen2Adapter,
+                     Qwen3Adapter)
 from .plugin import patch_worker
 from .settings import TideSettings
 
@@ -82,3 +84,4 @@ TideQwen3ForCausalLM = _tide_variant(Qwen3ForCausalLM, Qwen3Adapter())
 # vLLM runs Phi-3 on its Llama layers (fused q/k/v and gate/up are what they load anyway)
 TidePhi3ForCausalLM = _tide_variant(Phi3ForCausalLM, DecoderAdapter())
 TideGraniteForCausalLM = _tide_variant(GraniteForCausalLM, GraniteAdapter())
+TideGemma3ForCausalLM = _tide_variant(Gemma3ForCausalLM, Gemma3Adapter())

@@ -21,6 +21,7 @@ SUPPORTED = {
     "Qwen3ForCausalLM": "TideQwen3ForCausalLM",
     "Phi3ForCausalLM": "TidePhi3ForCausalLM",
     "GraniteForCausalLM": "TideGraniteForCausalLM",
+    "Gemma3ForCausalLM": "TideGemma3ForCausalLM",
 }
 _PATCHED = "_vllm_tide_patched"
 

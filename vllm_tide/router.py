@@ -18,6 +18,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * weight.float()).to(x.dtype)
 
 
+def norm_weight_eps(norm) -> tuple[torch.Tensor, float]:
+    """(the weight an RMSNorm module multiplies by, its eps), for vLLM's and HF's norm modules alike.
+    Gemma's norms (vLLM's GemmaRMSNorm, HF's Gemma3RMSNorm) store w and multiply by 1 + w."""
+    w = norm.weight.data
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    return (1.0 + w.float()).to(w.dtype) if type(norm).__name__.startswith("Gemma") else w, eps
+
+
 def router_input(residual_stream: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """What a router sees: the model's own final norm applied to the full residual-stream state.
 

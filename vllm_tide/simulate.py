@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .router import Router, router_input
+from .router import Router, norm_weight_eps, router_input
 
 
 class ExitSimulator:
@@ -106,7 +106,7 @@ class ExitSimulator:
                     h = h.clone()
                     self._hold_exited(h[0], li, done, frozen, exit_at)
                 if li in self.routers:
-                    z = router_input(h[0], norm.weight, norm.variance_epsilon).float()
+                    z = router_input(h[0], *norm_weight_eps(norm)).float()
                     new = (self.routers[li](z) > self.threshold) & ~done
                     frozen[new] = h[0, new]
                     exit_at[new] = li
