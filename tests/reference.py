@@ -5,7 +5,7 @@ here from the Hugging Face definitions of the supported families (RMSNorm, rotar
 attention, SiLU-gated MLP) and reads the weights and the router file directly with safetensors. A bug
 shared by the plugin and its reference cannot hide, because there is no shared code.
 
-The spec it implements (docs/DESIGN.md): a token exits at the first checkpoint >= min_layer whose router
+The spec it implements (vllm_tide/engine.py and vllm_tide/simulate.py state it too): a token exits at the first checkpoint >= min_layer whose router
 scores > threshold on final_norm(its residual stream after that layer). From then on its residual
 stream is frozen: every deeper layer computes the token's K and V from the frozen state through that
 layer's own input norm, projections, q/k norms and rotary. Its logits are final_norm(frozen), then its

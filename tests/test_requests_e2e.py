@@ -61,9 +61,24 @@ def test_each_request_gets_its_own_threshold_in_one_batch(tmp_path):
         sampled = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=8, extra_args={"tide_enabled": False})
         assert len(llm.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs) == 3
         assert sum(exit_stats(llm)["exits_per_layer"].values()) == 0
-        sampled.extra_args = {"tide_threshold": 0.2}
-        llm.generate(prompts[:1], sampled, use_tqdm=False)
-        assert sum(exit_stats(llm)["exits_per_layer"].values()) > 0
+        # at 0.2 every child exits as the reference does on its own sampled tokens: the engine's exit
+        # counts are the children's summed, and each sampled token's (raw) logprob is the reference's
+        sampled.extra_args, sampled.logprobs = {"tide_threshold": 0.2}, 0
+        reset_exit_stats(llm)
+        children = llm.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs
+        ids = tok(prompts[0])["input_ids"]
+        ref, counts = TideReference(DEFAULT_MODEL, router, 0.2, 0), {}
+        for child in children:
+            gen = list(child.token_ids)
+            logits, exit_at, _ = ref.run(ids + gen[:-1])
+            lp = torch.log_softmax(logits, -1)
+            err = max(abs(child.logprobs[i][gen[i]].logprob - lp[len(ids) - 1 + i, gen[i]].item()) for i in range(len(gen)))
+            assert err <= 1e-4 * logits.abs().max().item(), err
+            for c in (11, 19):
+                counts[c] = counts.get(c, 0) + int((exit_at == c).sum())
+        assert len({tuple(c.token_ids) for c in children}) > 1                # really three samples
+        ex = exit_stats(llm)["exits_per_layer"]
+        assert {c: ex[c] for c in counts} == counts and sum(counts.values()) > 0, (ex, counts)
     with_engine(DEFAULT_MODEL, {"router": router, "threshold": 0.7, "min_layer": 0, **EVERY_EXIT}, check)
 
 

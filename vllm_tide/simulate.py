@@ -7,7 +7,8 @@ projections), and its output is final_norm(frozen) -> exit projection -> LM head
 
 One causal forward over a whole sequence with the frozen rows restored after every layer gives, at
 every position, exactly what the plugin computes token by token; calibration uses it to choose the
-operating point with propagation, and the tests use it as the reference for the plugin.
+operating point with propagation; the tests check it against their own independent reference
+(tests/reference.py), as they check the plugin.
 
 Calibration measures dozens of points on the same sequences, and below a point's first active
 checkpoint nothing differs from the full model: ``full_pass`` records the full model's pass once per
