@@ -71,18 +71,39 @@ def test_scatter_rows(dtype):
     assert torch.isnan(dst[[i for i in range(50) if i not in set(idx.tolist())]]).all()
 
 
+def _rms(x, w, eps):
+    """RMSNorm in fp32, cast back (as vLLM's and HF's norms compute it); written here, not the plugin's."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def _rotate(k, cos_sin, rd, neox):
+    """The textbook rotary on the first rd dims of k [N, H, hd]: neox pairs (i, i + rd/2), GPT-J pairs
+    (2i, 2i + 1); cos_sin [N, rd] is cos then sin, as vLLM's cache stores them."""
+    cos, sin = cos_sin.float()[:, None, : rd // 2], cos_sin.float()[:, None, rd // 2:]
+    r, rest = k[..., :rd].float(), k[..., rd:]
+    if neox:
+        a, b = r[..., : rd // 2], r[..., rd // 2:]
+        out = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+    else:
+        a, b = r[..., 0::2], r[..., 1::2]
+        out = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+    return torch.cat([out.to(k.dtype), rest], dim=-1)
+
+
 def per_layer_kv(x, kv_w, norms, biases, knorms, eps, cos_sin, pos, heads, hd, rd, neox):
-    """Direct definition: each layer's own norm, projection, k-norm and rotary, one layer at a time."""
+    """Direct definition: each layer's own norm, projection, k-norm and rotary, one layer at a time
+    (nothing from the plugin: its own norm and rotary above)."""
     ks, vs = [], []
     for j in range(len(kv_w)):
-        h = router_input(x, norms[j], eps)
+        h = _rms(x, norms[j], eps)
         kv = h @ kv_w[j].to(x.dtype).t()
         if biases is not None:
             kv = kv + biases[j].to(x.dtype)
         k, v = kv.view(len(x), 2, heads, hd).unbind(1)
         if knorms is not None:
-            k = router_input(k, knorms[j], 1e-6)
-        ks.append(ref.apply_rotary(k[None], cos_sin[pos], rd, neox)[0])
+            k = _rms(k, knorms[j], 1e-6)
+        ks.append(_rotate(k, cos_sin[pos], rd, neox))
         vs.append(v)
     return torch.stack(ks), torch.stack(vs)
 
@@ -90,18 +111,19 @@ def per_layer_kv(x, kv_w, norms, biases, knorms, eps, cos_sin, pos, heads, hd, r
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qwen", [False, True])
 @pytest.mark.parametrize("n", [1, 33])
-def test_kv_project_matches_per_layer_definition(dtype, qwen, n):
+@pytest.mark.parametrize("neox, rd", [(True, 16), (False, 16), (True, 8)])     # rd < hd: partial rotary
+def test_kv_project_matches_per_layer_definition(dtype, qwen, n, neox, rd):
     L, d, heads, hd = 3, 64, 2, 16
     x = torch.randn(n, d).to(dtype)
     kv_w = [torch.randn(2 * heads * hd, d) / 8 for _ in range(L)]
     norms = [torch.rand(d) + 0.5 for _ in range(L)]
     biases = [torch.randn(2 * heads * hd) for _ in range(L)] if qwen else None
     knorms = [torch.rand(hd) + 0.5 for _ in range(L)] if qwen else None
-    cos_sin = torch.randn(100, hd)
+    cos_sin = torch.randn(100, rd)
     pos = torch.randint(0, 100, (n,))
     k, v = ops.kv_project(x, ops.fold_kv_weights(kv_w, norms), None if biases is None else torch.cat(biases), 1e-5,
-                          None if knorms is None else torch.stack(knorms), 1e-6, cos_sin, pos, L, heads, hd, hd, True)
-    kw, vw = per_layer_kv(x, kv_w, norms, biases, knorms, 1e-5, cos_sin, pos, heads, hd, hd, True)
+                          None if knorms is None else torch.stack(knorms), 1e-6, cos_sin, pos, L, heads, hd, rd, neox)
+    kw, vw = per_layer_kv(x, kv_w, norms, biases, knorms, 1e-5, cos_sin, pos, heads, hd, rd, neox)
     assert k.shape == (L, n, heads, hd)
     assert rel_err(k, kw) < TOL[dtype] * 3 and rel_err(v, vw) < TOL[dtype] * 3
 
