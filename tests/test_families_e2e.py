@@ -33,9 +33,15 @@ BF16_TOL = 0.08      # nats, on each token's logprob: bf16 weights and activatio
 BF16_CACHE_TOL = 0.03   # of the largest |K| or |V| of a layer (bf16 keeps 8 bits of mantissa)
 
 
-def make_llm(model, router, dtype="float32"):
+# The families whose adapters change how layers are called run the fp32 test in vLLM's default
+# compiled mode (TIDE's segments and partial layers traced through their adapters), bf16 eagerly;
+# the others run eagerly (the default model's compiled test covers the Llama layout).
+COMPILED = ("granite", "gemma3")
+
+
+def make_llm(model, router, dtype="float32", eager=True):
     from vllm import LLM
-    return LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=512, block_size=32, seed=0,
+    return LLM(model=model, dtype=dtype, enforce_eager=eager, max_model_len=512, block_size=32, seed=0,
                enable_prefix_caching=False, max_num_seqs=8,
                additional_config={"tide": {"router": router, "threshold": 0.5, "min_layer": 0, **EVERY_EXIT}})
 
@@ -101,9 +107,10 @@ def test_exits_match_the_reference(variant_models, tmp_path, variant):
              mixing_threshold(TideReference(model, router, 1.0, 3), ids[5], 3)]
     thresholds = list(ladder) + mixed            # every token exits at 1 / 3 / 5 / never; two split
     want_layers = [(c,) for c in ladder.values()] + [(1, 3), (3, 5)]
-    llm = make_llm(model, router)
+    llm = make_llm(model, router, eager=variant not in COMPILED)
     try:
         assert "Tide" in llm.apply_model(lambda m: type(m).__name__)[0]
+        assert llm.apply_model(lambda m: m.tide.run_layers.compiled) == [variant in COMPILED]
         assert [llm.get_tokenizer()(p)["input_ids"] for p in PROMPTS] == ids
         check_requests(llm, model, router, thresholds, want_layers, ids, FP32_TOL)
         # K and V at the exact slots, one request at a time (each one's slots recorded alone)
