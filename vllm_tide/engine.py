@@ -100,6 +100,8 @@ class DecoderAdapter:
 
 
 class Qwen3Adapter(DecoderAdapter):
+    """Qwen3: per-head RMS norms on q and k before the rotary; the K/V fill applies the k-norm too."""
+
     def qk_norm(self, attn, q, k):
         n = q.shape[0]
         q = attn.q_norm(q.view(n, -1, attn.head_dim)).view(n, -1)
@@ -161,6 +163,8 @@ class GraniteAdapter(DecoderAdapter):
 
 
 class MistralAdapter(DecoderAdapter):
+    """Mistral: the Llama layout, plus Ministral-3's llama_4_scaling of the query by position (K/V untouched)."""
+
     def scale_query(self, attn, positions, q):
         if getattr(attn, "do_llama_4_scaling", False):
             q = (q * attn._get_llama_4_attn_scale(positions)).to(q.dtype)
