@@ -4,7 +4,7 @@ without compiling again, and partial layers compiled per layer where layers diff
 import pytest
 import torch
 
-from vllm_tide.compiled_layers import FusedResidualLayers, SegmentRunner, _run_partial_layer, _run_segment
+from vllm_tide.compiled_layers import SegmentRunner, _run_partial_layer, _run_segment
 from vllm_tide.engine import DecoderAdapter
 
 D = 16
@@ -78,14 +78,14 @@ def _rows(n, gen):
 def test_segment_traced_once_then_matches_eager_at_every_size(compiles):
     torch.manual_seed(0)
     layers = [_Layer(0.5 + i) for i in range(4)]
-    runner, gen = SegmentRunner("eager"), torch.Generator().manual_seed(1)
+    runner, gen = SegmentRunner("eager", adapter=_Adapter()), torch.Generator().manual_seed(1)
     positions, h, residual = _rows(1, gen)
     out = runner(layers, 1, 3, positions, h, residual)          # 1 row before tracing: eager
     assert not runner.traced and compiles == []
-    torch.testing.assert_close(out, _run_segment(layers[1:4], FusedResidualLayers(), positions, h, residual), rtol=0, atol=0)
+    torch.testing.assert_close(out, _run_segment(layers[1:4], _Adapter(), positions, h, residual), rtol=0, atol=0)
     for n in (5, 1, 2, 33):                                      # traced at 5, then bytecode at every size
         positions, h, residual = _rows(n, gen)
-        want = _run_segment(layers[1:4], FusedResidualLayers(), positions, h.clone(), residual.clone())
+        want = _run_segment(layers[1:4], _Adapter(), positions, h.clone(), residual.clone())
         got = runner(layers, 1, 3, positions, h, residual)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert runner.traced and compiles == ["tide_layers_1_3"]
@@ -99,7 +99,7 @@ def test_partial_layers_per_layer_unless_shared(compiles, shared):
     (why sharing is only used when vLLM passes layer names as graph inputs)."""
     torch.manual_seed(0)
     layers = [_Layer(0.5), _Layer(2.0)]
-    runner, gen, adapter = SegmentRunner("eager"), torch.Generator().manual_seed(2), _Adapter()
+    runner, gen, adapter = SegmentRunner("eager", adapter=_Adapter()), torch.Generator().manual_seed(2), _Adapter()
     runner.shared_partial = shared
     running = torch.tensor([0, 2, 3])
     results = []
@@ -138,7 +138,7 @@ def test_partial_layer_over_all_rows_equals_running_rows_only(backend):
     torch.manual_seed(0)
     layer, adapter = _Layer(0.7), _Adapter()
     layer.input_layernorm, layer.post_attention_layernorm = _InPlaceNorm(), _InPlaceNorm()
-    runner, gen = SegmentRunner(backend), torch.Generator().manual_seed(4)
+    runner, gen = SegmentRunner(backend, adapter=_Adapter()), torch.Generator().manual_seed(4)
     for n, running in ((6, [0, 2, 3]), (9, [8]), (1, [0]), (5, [])):
         positions, h, residual = _rows(n, gen)
         running = torch.tensor(running, dtype=torch.int64)
@@ -157,10 +157,10 @@ def test_segment_with_inductor_matches_eager():
     """The backend vLLM uses on CPU: inductor's code for a segment equals eager within fp32 rounding."""
     torch.manual_seed(0)
     layers = [_Layer(1.0), _Layer(1.5)]
-    runner, gen = SegmentRunner("inductor"), torch.Generator().manual_seed(3)
+    runner, gen = SegmentRunner("inductor", adapter=_Adapter()), torch.Generator().manual_seed(3)
     for n in (4, 1, 17):
         positions, h, residual = _rows(n, gen)
-        want = _run_segment(layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
+        want = _run_segment(layers, _Adapter(), positions, h.clone(), residual.clone())
         torch.testing.assert_close(runner(layers, 0, 1, positions, h, residual), want, rtol=1e-5, atol=1e-5)
     assert runner.traced
 
@@ -170,10 +170,10 @@ def test_final_segment_includes_the_final_norm(compiles):
     """The last segment with the model's final norm in its graph returns norm(h + residual), at any size."""
     torch.manual_seed(0)
     layers, norm = [_Layer(0.7), _Layer(1.3)], _Norm()
-    runner, gen = SegmentRunner("eager"), torch.Generator().manual_seed(4)
+    runner, gen = SegmentRunner("eager", adapter=_Adapter()), torch.Generator().manual_seed(4)
     for n in (3, 1, 12):
         positions, h, residual = _rows(n, gen)
-        want = norm(*_run_segment(layers, FusedResidualLayers(), positions, h.clone(), residual.clone()))[0]
+        want = norm(*_run_segment(layers, _Adapter(), positions, h.clone(), residual.clone()))[0]
         got = runner(layers, 0, 1, positions, h, residual, final_norm=norm)
         assert got.shape == (n, D)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -198,7 +198,7 @@ def test_segments_on_cuda_match_cpu(backend):
     layers, norm = [copy.deepcopy(m).cuda() for m in cpu_layers], copy.deepcopy(cpu_norm).cuda()
     cpu_router = (cpu_norm.weight, 1e-6, torch.randn(4, D), torch.randn(4), torch.randn(4), torch.randn(1))
     router = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in cpu_router)
-    adapter, runner, gen = _Adapter(), SegmentRunner(backend), torch.Generator().manual_seed(6)
+    adapter, runner, gen = _Adapter(), SegmentRunner(backend, adapter=_Adapter()), torch.Generator().manual_seed(6)
     tol = dict(rtol=1e-4, atol=1e-4)
     for n, running in ((6, [0, 2, 3]), (1, [0]), (33, list(range(0, 33, 3)))):
         positions, h, residual = _rows(n, gen)
@@ -206,7 +206,7 @@ def test_segments_on_cuda_match_cpu(backend):
         exited = torch.tensor([i for i in range(n) if i not in running.tolist()], dtype=torch.int64)
         h[exited] = 0
         cuda = lambda *ts: [t.clone().cuda() for t in ts]  # noqa: E731  (copies: layers write in place)
-        want = _run_segment(cpu_layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
+        want = _run_segment(cpu_layers, _Adapter(), positions, h.clone(), residual.clone())
         got = runner(layers, 0, 1, *cuda(positions, h, residual))
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, **tol)
@@ -218,7 +218,7 @@ def test_segments_on_cuda_match_cpu(backend):
         for g, w in zip(got, want):
             torch.testing.assert_close(g.cpu(), w, **tol)
         got = runner(layers, 0, 1, *cuda(positions, h, residual), final_norm=norm)
-        want_h, want_r = _run_segment(cpu_layers, FusedResidualLayers(), positions, h.clone(), residual.clone())
+        want_h, want_r = _run_segment(cpu_layers, _Adapter(), positions, h.clone(), residual.clone())
         torch.testing.assert_close(got.cpu(), cpu_norm(want_h, want_r)[0], **tol)
     assert runner.traced
 

@@ -63,14 +63,6 @@ def _run_partial_layer_all_rows(layer, adapter, positions, h, residual, running)
     return adapter.partial_layer(layer, positions, h, residual, running, all_rows=True)
 
 
-class FusedResidualLayers:
-    """How segments call a decoder layer in vLLM's fused-residual form (engine.DecoderAdapter and its
-    subclasses say it for each family; this is the default for a runner used on its own)."""
-
-    def layer(self, layer, positions, h, residual):
-        return layer(positions, h, residual)
-
-
 # (scored, with final norm) -> (function, graph name suffix)
 _SEGMENTS = {(False, False): (_run_segment, ""),
              (True, False): (_run_segment_scored, "_scored"),
@@ -89,7 +81,7 @@ class SegmentRunner:
 
     def __init__(self, backend: str | None = None, options: dict | None = None, adapter=None):
         self.compiled = backend is not None
-        self.adapter = adapter or FusedResidualLayers()     # the engine sets its family's adapter
+        self.adapter = adapter      # the family's engine.DecoderAdapter (EarlyExitEngine sets its own)
         self._backend = backend
         self._options = dict(options or {})
         self._options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe

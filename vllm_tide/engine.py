@@ -109,7 +109,7 @@ class Qwen3Adapter(DecoderAdapter):
         return q, k
 
     def k_norm(self, attn):
-        return attn.k_norm.weight, attn.k_norm.variance_epsilon
+        return norm_weight_eps(attn.k_norm)      # the weight as the norm applies it (1 + w for Gemma's)
 
 
 class Gemma3Adapter(Qwen3Adapter):
@@ -117,9 +117,6 @@ class Gemma3Adapter(Qwen3Adapter):
     sandwich norms around the attention and the MLP, sliding-window layers with their own rotary
     base (the fill runs each run of layers with one rotary table). Its embedding scale is in vLLM's
     embed_input_ids; query_pre_attn_scalar and the sliding windows are the attention layers' own."""
-
-    def k_norm(self, attn):
-        return norm_weight_eps(attn.k_norm)
 
     def mlp_block(self, layer, attn_out, residual):
         a = layer.post_attention_layernorm(attn_out)
